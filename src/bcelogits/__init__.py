@@ -1,0 +1,30 @@
+"""bcelogits: an exact, fused, drop-in ``BCEWithLogitsLoss`` for PyTorch and NumPy."""
+
+from __future__ import annotations
+
+from . import kernels
+from ._args import ArgumentTypeError, DTypeError
+from .functional import binary_cross_entropy_with_logits, loss_and_grad
+
+__version__ = "0.1.0"
+__all__ = [
+    "ArgumentTypeError",
+    "BCEWithLogitsLoss",
+    "DTypeError",
+    "binary_cross_entropy_with_logits",
+    "kernels",
+    "loss_and_grad",
+]
+
+
+def __getattr__(name: str):
+    if name == "BCEWithLogitsLoss":
+        try:
+            from .modules import BCEWithLogitsLoss
+        except ImportError as exc:  # torch is an optional extra
+            raise ImportError(
+                "bcelogits.BCEWithLogitsLoss needs PyTorch: pip install 'bcelogits[torch]' "
+                "(the functional API works on NumPy arrays without it)"
+            ) from exc
+        return BCEWithLogitsLoss
+    raise AttributeError(f"module 'bcelogits' has no attribute {name!r}")

@@ -1,0 +1,293 @@
+"""Every rule about arguments, in one place: reductions, legacy arguments, types, dtypes, shapes,
+broadcasting, options, and the text of every error.
+
+The functional API calls :func:`parse` once; everything after it may assume a valid :class:`Call`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
+FUNCTION = "binary_cross_entropy_with_logits"
+
+
+class ArgumentTypeError(TypeError, AttributeError):
+    """An argument is not an array of a supported kind (torch raises AttributeError or TypeError here)."""
+
+
+class DTypeError(TypeError, NotImplementedError):
+    """An input or target of a dtype the loss is not defined for (torch raises RuntimeError /
+    NotImplementedError here; this class is both a TypeError and a RuntimeError)."""
+
+
+# --------------------------------------------------------------------------------------------- reduction
+def legacy_reduction(size_average: bool | None, reduce: bool | None, *, stacklevel: int = 3) -> str:
+    """Map the deprecated ``size_average``/``reduce`` pair to a reduction string, warning as torch does."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if not reduce:
+        ret = "none"
+    elif size_average:
+        ret = "mean"
+    else:
+        ret = "sum"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+    return ret
+
+
+def resolve_reduction(size_average, reduce, reduction, *, stacklevel: int = 4) -> str:
+    """The reduction a call uses: the legacy pair overrides ``reduction`` when either is given."""
+    if size_average is not None or reduce is not None:
+        return legacy_reduction(size_average, reduce, stacklevel=stacklevel)
+    return check_reduction(reduction, stacklevel=stacklevel)
+
+
+def check_reduction(reduction, *, stacklevel: int = 4) -> str:
+    if reduction == "elementwise_mean":
+        warnings.warn(
+            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        return "mean"
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+# --------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class Options:
+    """The keyword-only options beyond torch's arguments; defaults reproduce torch exactly."""
+
+    ignore_index: float | None = None
+    label_smoothing: float = 0.0
+    class_dim: int | None = None
+    focal_gamma: float = 0.0
+    strict: bool = False
+
+    def non_default(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v != getattr(Options, k)}
+
+
+def check_options(ignore_index=None, label_smoothing=0.0, class_dim=None, focal_gamma=0.0, strict=False):
+    """Validate the keyword options; returns an :class:`Options`."""
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, float, np.number)):
+            raise TypeError(f"ignore_index must be a number or None, got {type(ignore_index).__name__}")
+        if math.isnan(float(ignore_index)):
+            raise ValueError("ignore_index must not be NaN (NaN never equals a target); pass a finite number")
+        ignore_index = float(ignore_index)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, np.number)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if class_dim is not None and (
+        isinstance(class_dim, bool) or not isinstance(class_dim, (int, np.integer))
+    ):
+        raise TypeError(f"class_dim must be an int or None, got {type(class_dim).__name__}")
+    if isinstance(focal_gamma, bool) or not isinstance(focal_gamma, (int, float, np.number)):
+        raise TypeError(f"focal_gamma must be a float >= 0, got {type(focal_gamma).__name__}")
+    if not (float(focal_gamma) >= 0.0 and math.isfinite(float(focal_gamma))):
+        raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma}")
+    if not isinstance(strict, (bool, np.bool_)):
+        raise TypeError(f"strict must be True or False, got {type(strict).__name__}")
+    return Options(
+        ignore_index,
+        float(label_smoothing),
+        None if class_dim is None else int(class_dim),
+        float(focal_gamma),
+        bool(strict),
+    )
+
+
+# --------------------------------------------------------------------------------------------- arrays
+def _torch():
+    """torch if it is already imported (we never import it just to check a type)."""
+    return sys.modules.get("torch")
+
+
+def is_tensor(a) -> bool:
+    t = _torch()
+    return t is not None and isinstance(a, t.Tensor)
+
+
+def namespace(input, target, weight=None, pos_weight=None):
+    """The array namespace of a call (``torch`` or ``numpy``); rejects lists and mixtures."""
+    for name, a in (("input", input), ("target", target)):
+        if not (is_tensor(a) or isinstance(a, np.ndarray)):
+            raise ArgumentTypeError(
+                f"{FUNCTION}(): argument '{name}' must be a torch.Tensor or numpy.ndarray, got "
+                f"{type(a).__name__}; wrap it with torch.as_tensor(...) or numpy.asarray(...)"
+            )
+    kinds = {is_tensor(a) for a in (input, target, weight, pos_weight) if a is not None}
+    if len(kinds) > 1:
+        raise ArgumentTypeError(
+            f"{FUNCTION}(): input, target, weight and pos_weight must all be torch tensors or all numpy "
+            "arrays; convert with torch.from_numpy(...) or tensor.numpy()"
+        )
+    for name, a in (("weight", weight), ("pos_weight", pos_weight)):
+        if a is not None and not (is_tensor(a) or isinstance(a, np.ndarray)):
+            raise ArgumentTypeError(
+                f"{FUNCTION}(): argument '{name}' must be a Tensor or None, got {type(a).__name__}; "
+                f"pass torch.tensor({name}) (or numpy.asarray for NumPy inputs)"
+            )
+    return _torch() if is_tensor(input) else np
+
+
+def _is_float(a) -> bool:
+    if is_tensor(a):
+        return a.is_floating_point()
+    return np.issubdtype(a.dtype, np.floating)
+
+
+def _is_real(a) -> bool:
+    if is_tensor(a):
+        return not a.is_complex()
+    return np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_
+
+
+def _shape_str(a) -> str:
+    return f"torch.Size({list(a.shape)})" if is_tensor(a) else str(tuple(a.shape))
+
+
+# --------------------------------------------------------------------------------------------- the call
+@dataclass
+class Call:
+    """A validated call: arrays in place, dtypes decided, weights shaped for broadcasting."""
+
+    xp: Any  # torch or numpy
+    input: Any  # as given (autocast applied)
+    target: Any
+    weight: Any  # None or array broadcastable to input.shape without enlarging it
+    pos_weight: Any
+    reduction: str
+    options: Options
+    compute_dtype: Any  # float32 or float64 (torch.dtype or numpy.dtype)
+    out_dtype: Any  # dtype of the loss: the target's (float32 under autocast for 16-bit)
+
+    @property
+    def is_torch(self) -> bool:
+        return self.xp is not np
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.input.shape)
+
+
+def _broadcast_check(name: str, w, shape: tuple, fix: str) -> None:
+    try:
+        b = np.broadcast_shapes(tuple(w.shape), shape)
+    except ValueError:
+        raise RuntimeError(
+            f"{FUNCTION}(): {name} of shape {tuple(w.shape)} cannot be broadcast to the input's shape "
+            f"{shape}: each of its trailing dimensions must equal the input's or be 1. {fix}"
+        ) from None
+    if b != shape:
+        raise RuntimeError(
+            f"{FUNCTION}(): {name} of shape {tuple(w.shape)} would enlarge the loss beyond the input's "
+            f"shape {shape} (broadcast shape {b}); a weight may only broadcast to the input. {fix}"
+        )
+
+
+def parse(input, target, weight, pos_weight, reduction: str, options: Options) -> Call:
+    """Check every argument once and return the :class:`Call` the kernels run."""
+    xp = namespace(input, target, weight, pos_weight)
+    torch = xp if xp is not np else None
+
+    if not _is_float(input):
+        raise DTypeError(
+            f"{FUNCTION}(): 'input' must hold floating-point logits, got dtype {input.dtype}; "
+            "convert with input.float()"
+        )
+    if not _is_float(target):
+        raise DTypeError(
+            f"{FUNCTION}(): 'target' must be floating-point (probabilities in [0, 1]), got dtype "
+            f"{target.dtype}; convert with target.float() (or target.to(input.dtype))"
+        )
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"Target size ({_shape_str(target)}) must be the same as input size ({_shape_str(input)})"
+        )
+    shape = tuple(input.shape)
+
+    # dtypes: the loss has the target's dtype; 16-bit math is done in float32 and rounded once.
+    if torch is not None:
+        dev = input.device.type
+        if torch.is_autocast_enabled(dev):  # torch runs this loss in float32 under autocast
+            low = (torch.float16, torch.bfloat16)
+            input = input.float() if input.dtype in low else input
+            target = target.float() if target.dtype in low else target
+        compute = torch.promote_types(input.dtype, target.dtype)
+        if compute.itemsize < 4:
+            compute = torch.float32
+        out_dtype = target.dtype
+    else:
+        compute = np.result_type(input.dtype, target.dtype)
+        if compute.itemsize < 4:
+            compute = np.dtype(np.float32)
+        out_dtype = target.dtype
+
+    for name, w in (("weight", weight), ("pos_weight", pos_weight)):
+        if w is None:
+            continue
+        if not _is_real(w):
+            raise DTypeError(f"{FUNCTION}(): '{name}' must be real-valued, got dtype {w.dtype}")
+        if torch is not None:
+            if w.requires_grad:
+                raise RuntimeError(
+                    f"The function '{FUNCTION}' is not differentiable with respect to argument '{name}'. "
+                    f"This input cannot have requires_grad True; pass {name}.detach()"
+                )
+            if w.device != input.device:
+                raise RuntimeError(
+                    f"{FUNCTION}(): '{name}' is on {w.device} but input is on {input.device}; "
+                    f"move it with {name}.to(input.device)"
+                )
+
+    if pos_weight is not None and options.class_dim is not None:
+        pos_weight = _along_class_dim(pos_weight, shape, options.class_dim)
+    if weight is not None:
+        _broadcast_check("weight", weight, shape, "For per-class weights use shape (C,) for the last dim.")
+    if pos_weight is not None:
+        _broadcast_check(
+            "pos_weight",
+            pos_weight,
+            shape,
+            "For a class dimension that is not the last, pass class_dim=<dim> (e.g. class_dim=1 for NCHW).",
+        )
+
+    def cast(w):
+        if w is None:
+            return None
+        return w.to(compute) if torch is not None else w.astype(compute, copy=False)
+
+    return Call(xp, input, target, cast(weight), cast(pos_weight), reduction, options, compute, out_dtype)
+
+
+def _along_class_dim(p, shape: tuple, class_dim: int):
+    nd = len(shape)
+    if not -nd <= class_dim < nd:
+        raise ValueError(f"class_dim={class_dim} is out of range for an input with {nd} dimensions")
+    d = class_dim % nd
+    if p.ndim != 1:
+        raise ValueError(
+            f"with class_dim set, pos_weight must be 1-D (one weight per class), got shape {tuple(p.shape)}"
+        )
+    if p.shape[0] != shape[d]:
+        raise ValueError(
+            f"pos_weight has {p.shape[0]} entries but input dimension class_dim={class_dim} has size "
+            f"{shape[d]}; they must be equal"
+        )
+    return p.reshape((p.shape[0],) + (1,) * (nd - d - 1))

@@ -1,0 +1,319 @@
+"""Kernel choice, made once per call, and the runners every path goes through.
+
+Three backends evaluate the same algorithm (:mod:`bcelogits._math`):
+
+- ``plain``: the formulas in array ops (torch or NumPy); any device, dtype, stride; differentiable.
+- ``cpu``: the fused one-pass numba kernel (:mod:`.cpu`) for contiguous float32/float64 CPU data.
+- ``triton``: the fused Triton kernel (:mod:`.triton`) for contiguous CUDA tensors.
+
+``auto`` (the default) picks the fused kernel when it can serve the call and ``plain`` otherwise. Force
+one with ``with bcelogits.kernels.use("plain"): ...`` or ``BCELOGITS_BACKEND=plain``; a forced kernel
+that cannot serve a call (a strided view, an unsupported dtype) still falls back to ``plain``, so
+forcing never changes a result, only the route.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import _math
+
+BACKENDS = ("auto", "plain", "cpu", "triton")
+_state = {"backend": os.environ.get("BCELOGITS_BACKEND", "auto") or "auto", "warned": False}
+if _state["backend"] not in BACKENDS:
+    raise ValueError(f"BCELOGITS_BACKEND={_state['backend']!r}; expected one of {BACKENDS}")
+
+
+@contextlib.contextmanager
+def use(backend: str):
+    """Route calls inside the ``with`` block through ``backend`` (one of :data:`BACKENDS`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    old, _state["backend"] = _state["backend"], backend
+    try:
+        yield
+    finally:
+        _state["backend"] = old
+
+
+def current() -> str:
+    return _state["backend"]
+
+
+# --------------------------------------------------------------------------------------------- choice
+def _cpu_module():
+    from . import cpu
+
+    if cpu.available():
+        return cpu
+    if not _state["warned"] and _state["backend"] == "auto":
+        _state["warned"] = True
+        warnings.warn(
+            "bcelogits: the fused CPU kernel is unavailable "
+            f"({cpu.unavailable_reason}); using the plain path, which is about 4x slower. "
+            "Install numba (pip install 'bcelogits[fast]') for the fast path.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return None
+
+
+def _triton_module(device):
+    from . import triton as tk
+
+    return tk if tk.available(device) else None
+
+
+def flat_pattern(w, shape: tuple):
+    """``(w_flat, inner)`` such that element ``i`` of the flattened input uses ``w_flat[(i // inner) % C]``,
+    or ``None`` when the broadcast of ``w`` to ``shape`` is not of that form (e.g. shape (N, 1, W))."""
+    if w is None:
+        return None, 1
+    nd = len(shape)
+    ws = (1,) * (nd - w.ndim) + tuple(w.shape)
+    big = [d for d in range(nd) if ws[d] != 1]
+    if not big:
+        return w.reshape(1), 1
+    d0, d1 = big[0], big[-1]
+    if any(ws[d] != shape[d] for d in range(d0, d1 + 1)):
+        return None
+    return w.reshape(-1), math.prod(shape[d1 + 1 :])
+
+
+def _plain_tensor(t, torch) -> bool:
+    if type(t) is not torch.Tensor:  # subclasses, fake tensors under torch.compile
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    return not (functorch is not None and functorch.is_functorch_wrapped_tensor(t))
+
+
+def choose(call):
+    """The kernel module (``cpu`` / ``triton``) that serves ``call``, or ``None`` for the plain path."""
+    backend = _state["backend"]
+    x, y = call.input, call.target
+    if backend == "plain" or math.prod(call.shape) == 0:
+        return None
+    shape = call.shape
+    if flat_pattern(call.weight, shape) is None or flat_pattern(call.pos_weight, shape) is None:
+        return None
+    if not call.is_torch:
+        if x.dtype == y.dtype == call.compute_dtype and x.flags.c_contiguous and y.flags.c_contiguous:
+            return _cpu_module() if backend in ("auto", "cpu") else None
+        return None
+    torch = call.xp
+    if not (_plain_tensor(x, torch) and _plain_tensor(y, torch)):
+        return None
+    if not (x.is_contiguous() and y.is_contiguous()):
+        return None
+    if x.device.type == "cpu":
+        if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            return _triton_module(x.device)
+        if backend in ("auto", "cpu") and x.dtype == y.dtype == call.compute_dtype:
+            return _cpu_module()
+        return None
+    if x.device.type == "cuda" and backend in ("auto", "triton"):
+        return _triton_module(x.device)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- running
+@dataclass
+class Forward:
+    loss: Any  # the reduced loss (0-dim) or the elementwise loss, in call.out_dtype
+    grad: Any  # d(reduced loss)/d input in the compute dtype, or None (times `pending`)
+    pending: Any  # factor the grad still needs: 1.0, or 1/denominator when it was unknown in the pass
+
+
+def _options_kw(call) -> dict:
+    o = call.options
+    return dict(label_smoothing=o.label_smoothing, ignore_index=o.ignore_index, focal_gamma=o.focal_gamma)
+
+
+def _as_kernel_array(a, is_torch: bool):
+    if a is None:
+        return None
+    return a.detach().contiguous().numpy() if is_torch else np.ascontiguousarray(a)
+
+
+def _empty(call, dtype):
+    if call.is_torch:
+        return call.xp.empty(call.shape, dtype=dtype, device=call.input.device)
+    return np.empty(call.shape, dtype=dtype)
+
+
+def _kernel_args(call, kernel):
+    """Flat views of x, y and the (array, inner) form of the weights, in what ``kernel`` takes."""
+    torch_kernel = kernel.__name__.endswith("triton")
+    w, w_inner = flat_pattern(call.weight, call.shape)
+    p, p_inner = flat_pattern(call.pos_weight, call.shape)
+    if torch_kernel:
+        flat = [a.reshape(-1) for a in (call.input, call.target)]
+        w, p = (None if a is None else a.contiguous() for a in (w, p))
+    else:
+        flat = [_as_kernel_array(a, call.is_torch).reshape(-1) for a in (call.input, call.target)]
+        w, p = (_as_kernel_array(a, call.is_torch) for a in (w, p))
+    return (*flat, w, w_inner, p, p_inner)
+
+
+def _denominator(call, count, wsum):
+    r = call.reduction
+    if r == "mean":
+        return count
+    if r == "weighted_mean":
+        return wsum
+    return 1
+
+
+def _divide(call, total, denom):
+    """total / denom with the empty-set rules: mean of nothing is NaN (torch), unless elements were
+    ignored (then 0, with a zero gradient); a zero weight sum gives 0."""
+    nan_if_empty = call.reduction == "mean" and call.options.ignore_index is None
+    if isinstance(denom, (int, float)):
+        if denom == 0:
+            return math.nan if nan_if_empty else 0.0 * total
+        return total / denom
+    safe = call.xp.where(denom == 0, 1, denom)
+    q = total / safe
+    return q if nan_if_empty else call.xp.where(denom == 0, 0.0 * q, q)
+
+
+def _to_out(call, value):
+    """A python float or array/tensor of loss into the output's dtype and kind."""
+    if call.is_torch:
+        torch = call.xp
+        if isinstance(value, torch.Tensor):
+            return value.to(call.out_dtype)
+        return torch.tensor(value, dtype=call.out_dtype, device=call.input.device)
+    return np.asarray(value).astype(call.out_dtype)
+
+
+def forward(call, want_grad: bool = False) -> Forward:
+    """The loss (and, fused into the same pass, the gradient of the reduced loss) for ``call``."""
+    kernel = choose(call)
+    if kernel is None:
+        return _plain_forward(call, want_grad)
+    n = math.prod(call.shape)
+    elementwise = call.reduction == "none"
+    loss_out = _empty(call, call.compute_dtype) if elementwise else None
+    grad_out = _empty(call, call.compute_dtype) if want_grad else None
+    # The denominator of 'mean' is known before the pass unless elements may be ignored.
+    known = call.reduction == "mean" and call.options.ignore_index is None
+    scale = 1.0 / n if known else 1.0
+    total, count, wsum = kernel.forward(
+        *_kernel_args(call, kernel),
+        **_options_kw(call),
+        loss_out=None if loss_out is None else _flat_view(loss_out, call, kernel),
+        grad_out=None if grad_out is None else _flat_view(grad_out, call, kernel),
+        grad_scale=scale,
+    )
+    if elementwise:
+        return Forward(_to_out(call, loss_out), grad_out, 1.0)
+    denom = _denominator(call, count, wsum)
+    value = _divide(call, total, denom)
+    pending = 1.0 if known or call.reduction == "sum" else _divide(call, 1.0, denom)
+    return Forward(_to_out(call, value), grad_out, pending)
+
+
+def _flat_view(out, call, kernel):
+    if kernel.__name__.endswith("triton") or not call.is_torch:
+        return out.reshape(-1)
+    return out.reshape(-1).numpy()
+
+
+def _compute_inputs(call):
+    if call.is_torch:
+        return call.input.to(call.compute_dtype), call.target.to(call.compute_dtype)
+    return call.input.astype(call.compute_dtype, copy=False), call.target.astype(
+        call.compute_dtype, copy=False
+    )
+
+
+def _plain_forward(call, want_grad: bool) -> Forward:
+    xp = call.xp
+    x, y = _compute_inputs(call)
+    with _quiet(call):
+        loss, g, _ = _math.evaluate(
+            xp, x, y, call.weight, call.pos_weight, **_options_kw(call), want_grad=want_grad
+        )
+    if call.reduction == "none":
+        return Forward(_to_out(call, loss), g, 1.0)
+    acc = xp.float64
+    total = loss.sum(dtype=acc)
+    n = math.prod(call.shape)
+    count, wsum = n, n
+    if call.options.ignore_index is not None or call.reduction == "weighted_mean":
+        keep = y != call.options.ignore_index if call.options.ignore_index is not None else None
+        count = n if keep is None else keep.sum()
+        if call.reduction == "weighted_mean":
+            wb = xp.ones_like(x) if call.weight is None else call.weight * xp.ones_like(x)
+            wsum = (wb if keep is None else xp.where(keep, wb, 0.0)).sum(dtype=acc)
+    denom = _denominator(call, count, wsum)
+    value = _divide(call, total, denom)
+    if g is not None and call.reduction != "sum":
+        scale = _divide(call, 1.0, denom)
+        g = g * (scale if isinstance(scale, float) else scale.to(g.dtype) if call.is_torch else scale)
+    return Forward(_to_out(call, value), g, 1.0)
+
+
+def backward_none(call, go):
+    """``go * d loss_i / d x_i`` for the 'none' reduction, in the compute dtype."""
+    kernel = choose(call)
+    if kernel is None:
+        x, y = _compute_inputs(call)
+        with _quiet(call):
+            _, g, _ = _math.evaluate(
+                call.xp,
+                x,
+                y,
+                call.weight,
+                call.pos_weight,
+                **_options_kw(call),
+                want_loss=False,
+                want_grad=True,
+            )
+        return g * go.to(g.dtype) if call.is_torch else g * go
+    grad = _empty(call, call.compute_dtype)
+    go_flat = go.to(call.compute_dtype).contiguous() if call.is_torch else go.astype(call.compute_dtype)
+    go_k = (
+        go_flat.reshape(-1)
+        if kernel.__name__.endswith("triton")
+        else _as_kernel_array(go_flat, call.is_torch)
+    )
+    kernel.backward_none(
+        *_kernel_args(call, kernel), go_k.reshape(-1), _flat_view(grad, call, kernel), **_options_kw(call)
+    )
+    return grad
+
+
+def reduced_scale(call):
+    """d(reduced loss)/d(elementwise loss) for reductions other than 'none' (plain, differentiable)."""
+    if call.reduction == "sum":
+        return 1.0
+    xp = call.xp
+    n = math.prod(call.shape)
+    ii = call.options.ignore_index
+    keep = None if ii is None else call.target != ii
+    if call.reduction == "mean":
+        denom = n if keep is None else keep.sum()
+    else:
+        wb = xp.ones_like(call.input, dtype=call.compute_dtype)
+        wb = wb if call.weight is None else wb * call.weight
+        denom = (wb if keep is None else xp.where(keep, wb, 0.0)).sum(dtype=xp.float64)
+    return _divide(call, 1.0, denom)
+
+
+@contextlib.contextmanager
+def _quiet(call):
+    """NumPy warns on the masked-out branches of ``where`` (log(0), inf*0); their values are never used."""
+    if call.is_torch:
+        yield
+    else:
+        with np.errstate(all="ignore"):
+            yield

@@ -1,0 +1,61 @@
+"""``BCEWithLogitsLoss``: the module form; ``forward`` is one line into the functional."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _args
+from .functional import binary_cross_entropy_with_logits
+
+
+class BCEWithLogitsLoss(torch.nn.Module):
+    r"""Drop-in for :class:`torch.nn.BCEWithLogitsLoss`, exact to a few ulps, with fused kernels.
+
+    ``weight`` and ``pos_weight`` are persistent buffers under the same names as torch's, so state
+    dicts load both ways. The keyword-only options (all off by default) are described in
+    :func:`bcelogits.binary_cross_entropy_with_logits` and the README.
+
+    >>> import torch
+    >>> criterion = BCEWithLogitsLoss(pos_weight=torch.ones([64]))
+    >>> criterion(torch.full([10, 64], 1.5), torch.ones([10, 64]))  # -log(sigmoid(1.5))
+    tensor(0.2014)
+    """
+
+    reduction: str
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        size_average=None,
+        reduce=None,
+        reduction: str = "mean",
+        pos_weight: torch.Tensor | None = None,
+        *,
+        ignore_index: float | None = None,
+        label_smoothing: float = 0.0,
+        class_dim: int | None = None,
+        focal_gamma: float = 0.0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _args.legacy_reduction(size_average, reduce, stacklevel=3)
+        self.reduction = reduction
+        self.options = _args.check_options(ignore_index, label_smoothing, class_dim, focal_gamma, strict)
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return binary_cross_entropy_with_logits(
+            input,
+            target,
+            self.weight,
+            reduction=self.reduction,
+            pos_weight=self.pos_weight,
+            **self.options.__dict__,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [] if self.reduction == "mean" else [f"reduction={self.reduction!r}"]
+        parts += [f"{k}={v!r}" for k, v in self.options.non_default().items()]
+        return ", ".join(parts)
