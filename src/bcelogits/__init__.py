@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import kernels
 from ._args import ArgumentTypeError, DTypeError
-from .functional import binary_cross_entropy_with_logits, loss_and_grad
+from .functional import binary_cross_entropy_with_logits, loss_and_grad, pos_weight_from_targets
 
 __version__ = "0.1.0"
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "kernels",
     "loss_and_grad",
+    "pos_weight_from_targets",
 ]
 
 

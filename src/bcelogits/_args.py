@@ -291,3 +291,36 @@ def _along_class_dim(p, shape: tuple, class_dim: int):
             f"{shape[d]}; they must be equal"
         )
     return p.reshape((p.shape[0],) + (1,) * (nd - d - 1))
+
+
+# --------------------------------------------------------------------------------------------- strict
+def check_values(call: Call) -> None:
+    """``strict=True``: reject targets outside [0, 1] or not finite (ignored ones excepted) and negative
+    weights; warn when every logit lies in [0, 1] (probabilities passed where logits belong).
+    Costs a few passes over the data, which is why it is opt-in."""
+    xp = call.xp
+    y = call.target
+    bad = ~((y >= 0) & (y <= 1))  # also true for NaN
+    if call.options.ignore_index is not None:
+        bad = bad & (y != call.options.ignore_index)
+    if bool(bad.any()):
+        idx = tuple(int(i[0]) for i in xp.nonzero(bad)) if y.ndim else ()
+        raise ValueError(
+            f"strict: target has {int(bad.sum())} value(s) outside [0, 1] or not finite (e.g. "
+            f"{float(y[idx])} at index {idx}); BCE targets are probabilities. Fix the labels, mask them "
+            "with ignore_index=..., or pass strict=False"
+        )
+    for name, w in (("weight", call.weight), ("pos_weight", call.pos_weight)):
+        if w is not None and bool((w < 0).any()):
+            raise ValueError(
+                f"strict: {name} has negative entries (min {float(w.min())}); a negative weight rewards "
+                f"the wrong answer. Use weights >= 0 or pass strict=False"
+            )
+    x = call.input
+    if math.prod(call.shape) and bool(((x >= 0) & (x <= 1)).all()):
+        warnings.warn(
+            "strict: every logit lies in [0, 1], which looks like probabilities (was sigmoid applied "
+            "already?). Pass raw logits: the loss applies the sigmoid itself.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _args, kernels
 
 
@@ -94,3 +96,43 @@ def loss_and_grad(
 
 def _is_one(v) -> bool:
     return isinstance(v, float) and v == 1.0
+
+
+def pos_weight_from_targets(target, class_dim: int = -1):
+    """``pos_weight`` for imbalanced data: negatives / positives per class (soft targets count
+    fractionally). 100 positives and 300 negatives of a class give 3.
+
+    ``class_dim`` is the dimension that indexes classes; every other dimension is counted over. A 1-D
+    target is one class (result of shape (1,)). Pass the result together with the same ``class_dim`` to
+    the loss (``class_dim=-1``, the default, is torch's own broadcasting over the last dimension).
+    A class with no positive example has no finite ratio: that raises a ValueError naming the classes.
+
+    >>> import numpy as np
+    >>> y = np.zeros((400, 1)); y[:100] = 1
+    >>> pos_weight_from_targets(y)
+    array([3.])
+    """
+    _args.namespace(target, target)
+    is_t = _args.is_tensor(target)
+    xp = _args._torch() if is_t else np
+    y = target.to(xp.float64) if is_t else target.astype(np.float64)
+    if y.ndim == 0:
+        raise ValueError("pos_weight_from_targets: target must have at least one dimension")
+    if y.ndim == 1:
+        y, class_dim = y.reshape(-1, 1), -1
+    if not -y.ndim <= class_dim < y.ndim:
+        raise ValueError(f"class_dim={class_dim} is out of range for a target with {y.ndim} dimensions")
+    d = class_dim % y.ndim
+    y = xp.moveaxis(y, d, -1).reshape(-1, y.shape[d])
+    pos = y.sum(0)
+    empty = [i for i, v in enumerate(pos.tolist()) if not v > 0]
+    if empty:
+        raise ValueError(
+            f"pos_weight_from_targets: class(es) {empty[:10]} have no positive example, so "
+            "negatives/positives is infinite; drop those classes or set their pos_weight by hand"
+        )
+    ratio = (y.shape[0] - pos) / pos
+    floating = target.is_floating_point() if is_t else target.dtype.kind == "f"
+    if is_t:
+        return ratio.to(target.dtype if floating else xp.float32)
+    return ratio.astype(target.dtype if floating else np.float32)

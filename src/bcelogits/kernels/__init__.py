@@ -49,15 +49,17 @@ def current() -> str:
 
 # --------------------------------------------------------------------------------------------- choice
 def _cpu_module():
-    from . import cpu
-
-    if cpu.available():
+    try:
+        from . import cpu
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        cpu, reason = None, str(exc)
+    if cpu is not None and cpu.available():
         return cpu
     if not _state["warned"] and _state["backend"] == "auto":
         _state["warned"] = True
         warnings.warn(
             "bcelogits: the fused CPU kernel is unavailable "
-            f"({cpu.unavailable_reason}); using the plain path, which is about 4x slower. "
+            f"({reason if cpu is None else cpu.unavailable_reason}); using the plain path, which is about 4x slower. "
             "Install numba (pip install 'bcelogits[fast]') for the fast path.",
             RuntimeWarning,
             stacklevel=4,
@@ -66,8 +68,10 @@ def _cpu_module():
 
 
 def _triton_module(device):
-    from . import triton as tk
-
+    try:
+        from . import triton as tk
+    except ImportError:  # pragma: no cover
+        return None
     return tk if tk.available(device) else None
 
 
