@@ -186,6 +186,16 @@ class Call:
         return tuple(self.input.shape)
 
 
+def compute_dtype(xp, input_dtype, target_dtype):
+    """The dtype the math runs in: the promoted dtype of input and target, but at least float32
+    (16-bit inputs are computed in float32 and rounded once)."""
+    if xp is np:
+        d = np.result_type(input_dtype, target_dtype)
+        return d if d.itemsize >= 4 else np.dtype(np.float32)
+    d = xp.promote_types(input_dtype, target_dtype)
+    return d if d.itemsize >= 4 else xp.float32
+
+
 def _broadcast_check(name: str, w, shape: tuple, fix: str) -> None:
     try:
         b = np.broadcast_shapes(tuple(w.shape), shape)
@@ -229,15 +239,8 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
             low = (torch.float16, torch.bfloat16)
             input = input.float() if input.dtype in low else input
             target = target.float() if target.dtype in low else target
-        compute = torch.promote_types(input.dtype, target.dtype)
-        if compute.itemsize < 4:
-            compute = torch.float32
-        out_dtype = target.dtype
-    else:
-        compute = np.result_type(input.dtype, target.dtype)
-        if compute.itemsize < 4:
-            compute = np.dtype(np.float32)
-        out_dtype = target.dtype
+    compute = compute_dtype(xp, input.dtype, target.dtype)
+    out_dtype = target.dtype
 
     for name, w in (("weight", weight), ("pos_weight", pos_weight)):
         if w is None:

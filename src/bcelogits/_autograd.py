@@ -114,7 +114,109 @@ def _take_fused_grad(ctx, call, go):
 
 
 def apply(call):
+    if torch.compiler.is_compiling():
+        return _apply_op(call)
     x = call.input
     fuse = torch.is_grad_enabled() and x.requires_grad and call.reduction != "none"
     loss, _, _ = BCEWithLogitsFunction.apply(x, call.target, call.weight, call.pos_weight, call, fuse)
+    return loss
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+# Dynamo cannot trace an autograd.Function that defines jvp, and cannot look inside a numba or Triton
+# kernel. Under torch.compile the loss therefore goes through custom ops: opaque to the compiler, with
+# fake (shape-only) implementations for tracing and an autograd formula for backward. Eager calls keep
+# the Function above (which also gives forward-mode AD and exact double backward).
+from torch import Tensor  # noqa: E402
+
+from . import _args  # noqa: E402
+
+
+def _op_call(x, y, w, p, reduction, ignore_index, label_smoothing, focal_gamma):
+    options = _args.Options(ignore_index, label_smoothing, None, focal_gamma, False)
+    compute = _args.compute_dtype(torch, x.dtype, y.dtype)
+    return _args.Call(torch, x, y, w, p, reduction, options, compute, y.dtype)
+
+
+@torch.library.custom_op("bcelogits::loss", mutates_args=())
+def _loss_op(
+    x: Tensor,
+    y: Tensor,
+    w: Tensor | None,
+    p: Tensor | None,
+    reduction: str,
+    ignore_index: float | None,
+    label_smoothing: float,
+    focal_gamma: float,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(loss, d loss / d x) — the gradient only when ``want_grad`` (else an empty tensor)."""
+    call = _op_call(x, y, w, p, reduction, ignore_index, label_smoothing, focal_gamma)
+    fwd = kernels.forward(call, want_grad=want_grad)
+    if not want_grad:
+        return fwd.loss, x.new_empty(0)
+    g = fwd.grad if isinstance(fwd.pending, float) and fwd.pending == 1.0 else fwd.grad * fwd.pending
+    return fwd.loss, g.to(x.dtype)
+
+
+@_loss_op.register_fake
+def _(x, y, w, p, reduction, ignore_index, label_smoothing, focal_gamma, want_grad):
+    loss = x.new_empty(x.shape if reduction == "none" else (), dtype=y.dtype)
+    return loss, x.new_empty(x.shape if want_grad else (0,))
+
+
+@torch.library.custom_op("bcelogits::grad_none", mutates_args=())
+def _grad_none_op(
+    x: Tensor,
+    y: Tensor,
+    w: Tensor | None,
+    p: Tensor | None,
+    go: Tensor,
+    ignore_index: float | None,
+    label_smoothing: float,
+    focal_gamma: float,
+) -> Tensor:
+    """``go * d loss_i / d x_i`` for reduction='none'."""
+    call = _op_call(x, y, w, p, "none", ignore_index, label_smoothing, focal_gamma)
+    return kernels.backward_none(call, go).to(x.dtype)
+
+
+@_grad_none_op.register_fake
+def _(x, y, w, p, go, ignore_index, label_smoothing, focal_gamma):
+    return torch.empty_like(x)
+
+
+def _op_setup(ctx, inputs, output):
+    x, y, w, p, reduction, ii, ls, fg, want_grad = inputs
+    ctx.args = (reduction, ii, ls, fg)
+    ctx.save_for_backward(x, y, w, p, output[1] if want_grad else None)
+
+
+def _op_backward(ctx, go, _go_grad):
+    x, y, w, p, g = ctx.saved_tensors
+    reduction, ii, ls, fg = ctx.args
+    gx = gy = None
+    if ctx.needs_input_grad[0]:
+        if reduction == "none":
+            gx = _grad_none_op(x, y, w, p, go, ii, ls, fg)
+        else:
+            if g is None:
+                g = _loss_op(x, y, w, p, reduction, ii, ls, fg, True)[1]
+            gx = g * go.to(g.dtype)
+    if ctx.needs_input_grad[1]:
+        call = _op_call(x, y, w, p, reduction, ii, ls, fg)
+        gy = _chain(call, _elementwise_grad(call, "target"), go).to(y.dtype)
+    return gx, gy, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("bcelogits::loss", _op_backward, setup_context=_op_setup)
+
+
+def _apply_op(call):
+    x, o = call.input, call.options
+    want = torch.is_grad_enabled() and x.requires_grad and call.reduction != "none"
+    loss, _ = _loss_op(
+        x, call.target, call.weight, call.pos_weight, call.reduction,
+        o.ignore_index, o.label_smoothing, o.focal_gamma, want,
+    )  # fmt: skip
     return loss
