@@ -87,8 +87,17 @@ def compare(_args) -> int:
         t = _evaluate(torch.nn.functional.binary_cross_entropy_with_logits, q, xr, yr, pr, dtype)
         b = _evaluate(bcelogits.binary_cross_entropy_with_logits, q, xr, yr, pr, dtype)
         pw = "" if p is None else f", p={p:g}"
-        rows.append((f"{label} ({dtype}{pw})", f"{q} at x={xr:g}", f"{want:.6g}", f"{t:.6g}", f"{b:.6g}",
-                     _rel(t, want), _rel(b, want)))
+        rows.append(
+            (
+                f"{label} ({dtype}{pw})",
+                f"{q} at x={xr:g}",
+                f"{want:.6g}",
+                f"{t:.6g}",
+                f"{b:.6g}",
+                _rel(t, want),
+                _rel(b, want),
+            )
+        )
     head = ("case", "value", "exact", "torch", "bcelogits", "torch rel.err", "ours rel.err")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
@@ -97,7 +106,8 @@ def compare(_args) -> int:
     print("-" * len(line))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print("\n16-bit results are computed in float32 and rounded once; 'wrong' = infinite or zero error ratio.")
+    print("\n16-bit results are computed in float32 and rounded once.")
+    print("'wrong' = an infinite or zero value where the exact one is finite and nonzero, or vice versa.")
     return 0
 
 

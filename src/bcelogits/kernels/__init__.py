@@ -59,7 +59,8 @@ def _cpu_module():
         _state["warned"] = True
         warnings.warn(
             "bcelogits: the fused CPU kernel is unavailable "
-            f"({reason if cpu is None else cpu.unavailable_reason}); using the plain path, which is about 4x slower. "
+            f"({reason if cpu is None else cpu.unavailable_reason}); using the plain path, "
+            "which is about 4x slower. "
             "Install numba (pip install 'bcelogits[fast]') for the fast path.",
             RuntimeWarning,
             stacklevel=4,
