@@ -182,11 +182,11 @@ def _divide(call, total, denom):
     nan_if_empty = call.reduction == "mean" and call.options.ignore_index is None
     if isinstance(denom, (int, float)):
         if denom == 0:
-            return math.nan if nan_if_empty else 0.0 * total
+            return math.nan if nan_if_empty else 0.0
         return total / denom
     safe = call.xp.where(denom == 0, 1, denom)
     q = total / safe
-    return q if nan_if_empty else call.xp.where(denom == 0, 0.0 * q, q)
+    return q if nan_if_empty else call.xp.where(denom == 0, 0.0, q)
 
 
 def _to_out(call, value):
@@ -196,7 +196,7 @@ def _to_out(call, value):
         if isinstance(value, torch.Tensor):
             return value.to(call.out_dtype)
         return torch.tensor(value, dtype=call.out_dtype, device=call.input.device)
-    return np.asarray(value).astype(call.out_dtype)
+    return np.asarray(value).astype(call.out_dtype, copy=False)
 
 
 def forward(call, want_grad: bool = False) -> Forward:
