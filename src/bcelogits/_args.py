@@ -307,7 +307,8 @@ def check_values(call: Call) -> None:
     if call.options.ignore_index is not None:
         bad = bad & (y != call.options.ignore_index)
     if bool(bad.any()):
-        idx = tuple(int(i[0]) for i in xp.nonzero(bad)) if y.ndim else ()
+        where = xp.nonzero(bad, as_tuple=True) if call.is_torch else np.nonzero(bad)
+        idx = tuple(int(i[0]) for i in where)
         raise ValueError(
             f"strict: target has {int(bad.sum())} value(s) outside [0, 1] or not finite (e.g. "
             f"{float(y[idx])} at index {idx}); BCE targets are probabilities. Fix the labels, mask them "

@@ -126,12 +126,23 @@ def d_log_one_minus_pt(xp, x, y, pc: Pieces | None = None):
     return (1.0 - 2.0 * y) * ratio / pc.one_e
 
 
-def dy_log_one_minus_pt(xp, x, y, pc: Pieces | None = None):
-    r"""``d/dy log(1 - p_t) = (sigma(-x) - sigma(x)) / (1 - p_t) = -+(1 - e) / (b + s e)``."""
+def loss_times_dy_log_one_minus_pt(xp, x, y, w=None, p=None, pc: Pieces | None = None):
+    r"""``loss * d/dy log(1 - p_t)``, the focal term of the target's gradient, without 0 * inf.
+
+    ``d/dy log(1 - p_t) = (sigma(-x) - sigma(x)) / (1 - p_t) = -+(1 - e) / (b + s e)``. When ``b == 0``
+    (a hard target on its confident side) the loss is the small-side term alone, ``c log1p(e)``, and the
+    product is ``c (-+(1 - e)) / s * log1p(e)/e``, finite for every x (``log1p(e)/e -> 1``).
+    """
     pc = Pieces(xp, x) if pc is None else pc
     b, s = _sides(xp, pc, 1.0 - y, y)
     num = xp.where(pc.pos, pc.e - 1.0, 1.0 - pc.e)
-    return num / (b + s * pc.e)
+    b0 = b == 0
+    _, c_small = _sides(xp, pc, *coefficients(y, w, p))
+    e_safe = xp.where(pc.e == 0, 1.0, pc.e)
+    ratio = xp.where(pc.e == 0, 1.0, xp.log1p(pc.e) / e_safe)  # log1p(e)/e
+    hard = c_small * num / xp.where(s == 0, 1.0, s) * ratio
+    soft = loss(xp, x, y, w, p, pc) * num / xp.where(b0, 1.0, b + s * pc.e)
+    return xp.where(b0, hard, soft)
 
 
 def evaluate(
@@ -155,6 +166,12 @@ def evaluate(
       ``d loss_f = f (d loss + gamma loss d log(1 - p_t))``;
     - ignore_index: elements whose raw target equals it give exactly 0 for all three.
     """
+    if ignore_index is not None:
+        # Ignored elements are evaluated at a harmless point and masked at the end: their raw values
+        # (a label like -100, a NaN logit of padding) never enter the math, not even masked branches,
+        # whose NaNs would otherwise leak into double backward.
+        keep = y != ignore_index
+        x, y = xp.where(keep, x, 0.0), xp.where(keep, y, 0.0)
     ys = smooth_target(y, label_smoothing)
     pc = Pieces(xp, x)
     loss_ = loss(xp, x, ys, w, p, pc) if (want_loss or focal_gamma) else None
@@ -166,12 +183,10 @@ def evaluate(
             d = d_log_one_minus_pt(xp, x, ys, pc)
             g = f * (g + xp.where(d == 0, 0.0, focal_gamma * loss_ * d))
         if gy is not None:
-            d = dy_log_one_minus_pt(xp, x, ys, pc)
-            gy = f * (gy + xp.where(d == 0, 0.0, focal_gamma * loss_ * d))
+            gy = f * (gy + focal_gamma * loss_times_dy_log_one_minus_pt(xp, x, ys, w, p, pc))
         loss_ = f * loss_
     if gy is not None and label_smoothing:
         gy = gy * (1.0 - label_smoothing)
     if ignore_index is not None:
-        keep = y != ignore_index
         loss_, g, gy = (None if v is None else xp.where(keep, v, 0.0) for v in (loss_, g, gy))
     return (loss_ if want_loss else None), g, gy

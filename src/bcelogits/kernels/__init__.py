@@ -184,7 +184,8 @@ def _divide(call, total, denom):
         if denom == 0:
             return math.nan if nan_if_empty else 0.0
         return total / denom
-    safe = call.xp.where(denom == 0, 1, denom)
+    denom = denom.to(call.xp.float64) if call.is_torch else np.float64(denom)
+    safe = call.xp.where(denom == 0, 1.0, denom)
     q = total / safe
     return q if nan_if_empty else call.xp.where(denom == 0, 0.0, q)
 
