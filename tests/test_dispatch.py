@@ -1,0 +1,218 @@
+"""Kernel choice (bcelogits.kernels), the fallbacks, the Triton route, and torch.compile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bcelogits
+from bcelogits import _args, kernels
+from bcelogits.kernels import cpu
+
+SCRIPTS = Path(__file__).parent / "scripts"
+BCE = bcelogits.binary_cross_entropy_with_logits
+
+
+def _call(x, y, w=None, p=None, reduction="mean", **opts):
+    return _args.parse(x, y, w, p, reduction, _args.check_options(**opts))
+
+
+# ------------------------------------------------------------------------------------------- choice
+@pytest.mark.parametrize(
+    ("wshape", "shape", "expected"),
+    [
+        (None, (4, 3), (None, 1)),
+        ((), (4, 3), (1, 1)),
+        ((3,), (4, 3), (3, 1)),
+        ((1, 3), (4, 3), (3, 1)),
+        ((4, 1), (4, 3), (4, 3)),
+        ((4, 3), (4, 3), (12, 1)),
+        ((5, 1, 1), (2, 5, 6, 7), (5, 42)),
+        ((2, 5, 1, 1), (2, 5, 6, 7), (10, 42)),
+        ((2, 1, 7), (2, 5, 7), None),  # a size-1 gap: not of the (i // inner) % C form
+    ],
+)
+def test_flat_pattern(wshape, shape, expected):
+    w = None if wshape is None else torch.arange(float(np.prod(wshape))).reshape(wshape)
+    got = kernels.flat_pattern(w, shape)
+    if expected is None:
+        assert got is None
+        return
+    flat, inner = got
+    assert inner == expected[1]
+    if w is None:
+        assert flat is None
+        return
+    assert flat.numel() == expected[0]
+    # the rule reproduces torch's broadcast
+    full = torch.broadcast_to(w, shape).reshape(-1)
+    idx = (torch.arange(full.numel()) // inner) % flat.numel()
+    assert torch.equal(flat[idx], full)
+
+
+needs_cpu = pytest.mark.skipif(
+    not cpu.available(), reason=f"numba kernel unavailable: {cpu.unavailable_reason}"
+)
+
+
+@needs_cpu
+def test_choice_cpu_kernel_for_contiguous_float():
+    x, y = torch.randn(8, 5), torch.rand(8, 5)
+    assert kernels.choose(_call(x, y)) is cpu
+    assert kernels.choose(_call(x.numpy(), y.numpy())) is cpu
+    assert kernels.choose(_call(x.double(), y.double(), torch.rand(5, dtype=torch.float64))) is cpu
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["transposed", "bf16", "mixed", "gap_weight", "empty", "forced_plain"],
+)
+def test_choice_falls_back_to_plain(case):
+    x, y = torch.randn(8, 5), torch.rand(8, 5)
+    kw = {}
+    if case == "transposed":
+        x, y = x.t(), y.t()
+    elif case == "bf16":
+        x, y = x.bfloat16(), y.bfloat16()
+    elif case == "mixed":
+        y = y.double()
+    elif case == "gap_weight":
+        x, y = torch.randn(2, 3, 4), torch.rand(2, 3, 4)
+        kw["w"] = torch.rand(2, 1, 4)
+    elif case == "empty":
+        x, y = torch.randn(0, 5), torch.rand(0, 5)
+    if case == "forced_plain":
+        with kernels.use("plain"):
+            assert kernels.choose(_call(x, y, **kw)) is None
+    else:
+        assert kernels.choose(_call(x, y, **kw)) is None
+
+
+@needs_cpu
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "weighted_mean"])
+def test_routes_agree(reduction):
+    """The fused kernel and the plain path give the same values and gradients (float64: to 1e-13)."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(6, 4, 9, generator=g, dtype=torch.float64) * 5
+    y0 = torch.rand(6, 4, 9, generator=g, dtype=torch.float64)
+    w = torch.rand(9, dtype=torch.float64)
+    p = torch.rand(4, dtype=torch.float64) * 4
+    out = {}
+    for route in ("plain", "cpu"):
+        x = x0.clone().requires_grad_(True)
+        with kernels.use(route):
+            loss = BCE(x, y0, w, reduction=reduction, pos_weight=p, class_dim=1, focal_gamma=1.0)
+            loss.sum().backward()
+        out[route] = (loss.detach(), x.grad)
+    for a, b in zip(out["plain"], out["cpu"]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_use_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with kernels.use("gpu"):
+            pass
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=300)
+
+
+def test_bad_backend_env_is_a_clear_error():
+    r = _run("import bcelogits", BCELOGITS_BACKEND="fast")
+    assert r.returncode != 0 and "BCELOGITS_BACKEND='fast'" in r.stderr
+
+
+def test_import_compiles_nothing():
+    r = _run(
+        "import sys, bcelogits; "
+        "assert 'bcelogits.kernels.cpu' not in sys.modules, 'cpu kernel module imported'; "
+        "assert 'numba' not in sys.modules, 'numba imported'; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_missing_kernel_warns_once_and_stays_exact(monkeypatch):
+    """Without a usable numba the library still works on the plain path and says why, once."""
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "unavailable_reason", "numba is not installed")
+    monkeypatch.setitem(kernels._state, "warned", False)
+    x, y = torch.randn(5, 3), torch.rand(5, 3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        a = BCE(x, y)
+        b = BCE(x, y)
+    msgs = [str(r.message) for r in rec if "fused CPU kernel is unavailable" in str(r.message)]
+    assert len(msgs) == 1 and "numba is not installed" in msgs[0] and "pip install" in msgs[0]
+    with kernels.use("plain"):
+        torch.testing.assert_close(a, BCE(x, y), rtol=0, atol=0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(pytest.importorskip("triton") is None, reason="triton not installed")
+def test_public_api_through_triton_route():
+    """Every reduction and option through the Triton kernels (interpreter) against the plain path."""
+    r = subprocess.run(
+        [sys.executable, str(SCRIPTS / "triton_route.py")], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 mismatches" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------- compile
+class _Head(torch.nn.Module):
+    def __init__(self, **loss_kw):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 6)
+        self.loss = bcelogits.BCEWithLogitsLoss(**loss_kw)
+
+    def forward(self, x, y):
+        return self.loss(self.lin(x), y)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none", "weighted_mean"])
+def test_compile_fullgraph_uses_custom_op(reduction):
+    torch.manual_seed(0)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    kw = dict(reduction=reduction, pos_weight=torch.rand(6) + 0.5, ignore_index=-1.0, focal_gamma=0.5)
+    m = _Head(**kw)
+    x, y = torch.randn(16, 8), torch.rand(16, 6)
+    y[0, :2] = -1.0
+    eager = m(x, y)
+    (ge,) = torch.autograd.grad(eager.sum(), m.lin.weight)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    out = compiled(x, y)
+    (gc,) = torch.autograd.grad(out.sum(), m.lin.weight)
+    assert any("bcelogits.loss" in g for g in graphs), "the loss was not captured as the custom op"
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_inductor_end_to_end():
+    """A real inductor compile (fullgraph) of a model with our loss: values and gradients as eager."""
+    torch.manual_seed(1)
+    m = _Head(pos_weight=torch.full((6,), 2.0))
+    x, y = torch.randn(32, 8), torch.rand(32, 6)
+    eager = m(x, y)
+    (ge,) = torch.autograd.grad(eager, m.lin.bias)
+    torch._dynamo.reset()
+    out = torch.compile(m, fullgraph=True)(x, y)
+    (gc,) = torch.autograd.grad(out, m.lin.bias)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-7)
