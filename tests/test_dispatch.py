@@ -216,3 +216,22 @@ def test_compile_inductor_end_to_end():
     (gc,) = torch.autograd.grad(out, m.lin.bias)
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "weighted_mean"])
+def test_vmap_and_per_sample_gradients(reduction):
+    """torch.func.vmap (e.g. per-sample gradients) equals a loop over samples."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    y = torch.rand(4, 3, 5, generator=g, dtype=torch.float64)
+    y[1, 0, 0] = -1.0
+    w = torch.rand(5, dtype=torch.float64)
+    kw = dict(reduction=reduction, ignore_index=-1.0, focal_gamma=0.5)
+    v = torch.func.vmap(lambda a, b: BCE(a, b, w, **kw))(x, y)
+    loop = torch.stack([BCE(x[i], y[i], w, **kw) for i in range(4)])
+    torch.testing.assert_close(v, loop, rtol=1e-13, atol=1e-15)
+    per_sample = torch.func.vmap(torch.func.grad(lambda a, b: BCE(a, b, w, **kw).sum()))(x, y)
+    loop_grads = torch.stack(
+        [torch.func.grad(lambda a, b: BCE(a, b, w, **kw).sum())(x[i], y[i]) for i in range(4)]
+    )
+    torch.testing.assert_close(per_sample, loop_grads, rtol=1e-13, atol=1e-15)

@@ -52,6 +52,8 @@ def _chain(call, d, go):
 
 
 class BCEWithLogitsFunction(torch.autograd.Function):
+    generate_vmap_rule = True  # under vmap the kernels see wrapped tensors and take the plain path
+
     @staticmethod
     def forward(x, y, w, p, call, fuse_grad):
         fwd = kernels.forward(_bind(call, x, y, w, p), want_grad=fuse_grad)
