@@ -69,6 +69,8 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         # Not saved with save_for_backward: backward scales it in place and hands it over.
         ctx.fused_grad, ctx.pending = grad, pending
         ctx.mark_non_differentiable(*(t for t in (grad, pending) if isinstance(t, torch.Tensor)))
+        # No zero-filled input-sized tensor for the unused gradient of the non-differentiable outputs.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, go, _unused_grad, _unused_pending):

@@ -197,7 +197,8 @@ def _to_out(call, value):
         if isinstance(value, torch.Tensor):
             return value.to(call.out_dtype)
         return torch.tensor(value, dtype=call.out_dtype, device=call.input.device)
-    return np.asarray(value).astype(call.out_dtype, copy=False)
+    with np.errstate(over="ignore"):  # float16 results overflow to inf, silently as in torch
+        return np.asarray(value).astype(call.out_dtype, copy=False)
 
 
 def forward(call, want_grad: bool = False) -> Forward:
