@@ -1,0 +1,137 @@
+"""``bcelogits bench`` on tiny tensors: rows, table, CSV, plot, memory subprocess, CUDA refusal."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+
+import pytest
+import torch
+
+from bcelogits import bench
+
+TINY = [(64, 32), (2, 3, 4, 5)]
+
+
+def _args(**kw):
+    base = dict(
+        quick=False,
+        device="cpu",
+        plot=None,
+        csv=None,
+        repeats=2,
+        shapes=[(32, 16)],
+        memory=False,
+        progress=False,
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.run(bench.make_cells(TINY), repeats=3, memory=False, progress=False)
+
+
+def test_rows_are_sane(result):
+    rows = result.rows
+    assert len(rows) == len(TINY) * len(bench.CONFIGS) * len(bench.MODES)
+    assert not result.interrupted
+    for r in rows:
+        assert r.rounds == 3
+        assert r.torch_ms > 0 and r.bcelogits_ms > 0
+        assert math.isfinite(r.speedup) and r.speedup_min <= r.speedup <= r.speedup_max
+        assert r.backend in ("plain", "cpu")
+        assert r.threads == torch.get_num_threads()
+        assert r.dtype == "float32" and r.device == "cpu"
+        # float32 against float64: a handful of ulps of the loss / of the largest gradient
+        assert 0 <= r.torch_loss_err < 1e-5 and 0 <= r.bcelogits_loss_err < 1e-5
+        if r.mode == "fwd+bwd":
+            assert r.floor_ms > 0 and r.bcelogits_over_floor > 0
+            assert 0 <= r.torch_grad_err < 1e-5 and 0 <= r.bcelogits_grad_err < 1e-5
+        else:
+            assert r.floor_ms is None and r.torch_grad_err is None
+        assert r.torch_mem is None  # memory=False
+    labels = {r.config for r in rows}
+    assert {"no weights", "weight (full)", "pos_weight (32)", "pos_weight (3, dim 1)"} <= labels
+
+
+def test_table_lists_every_row(result):
+    table = bench.format_table(result.rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| size | config | mode | torch ms | bcelogits ms | speed-up |")
+    assert len(lines) == 2 + len(result.rows)
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    text = bench.report(result, "cpu", "title")
+    assert "machine: " in text and "torch " in text and "bcelogits backend:" in text
+
+
+def test_main_prints_table_and_writes_csv(tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    assert bench.main(_args(csv=str(path))) == 0
+    out = capsys.readouterr().out
+    assert "| size | config | mode |" in out
+    assert "machine: " in out and "cores" in out
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(bench.CONFIGS) * len(bench.MODES)
+    assert {r["mode"] for r in rows} == set(bench.MODES)
+    assert all(float(r["speedup"]) > 0 and r["machine"] for r in rows)
+
+
+def test_main_writes_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "speedup.png"
+    assert bench.main(_args(plot=str(path), shapes=[(16, 8), (2, 3, 2, 2)])) == 0
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_fails_only_for_plot(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_have_matplotlib", lambda: False)
+    assert bench.main(_args(plot="never.png")) == 2
+    assert "matplotlib" in capsys.readouterr().err
+    assert bench.main(_args()) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_unavailable_returns_2(capsys):
+    assert bench.main(_args(device="cuda")) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_bad_arguments(capsys):
+    assert bench.main(_args(repeats=0)) == 2
+    assert bench.main(_args(shapes="12 apples")) == 2
+    assert "cannot read size" in capsys.readouterr().err
+
+
+def test_parse_shapes():
+    assert bench._parse_shapes("16M, 2**20,1000") == [(15625, 1024), (1024, 1024), (1000,)]
+    assert bench._parse_shapes([(3, 4), 2048]) == [(3, 4), (2, 1024)]
+
+
+def test_memory_subprocesses_count_the_gradient():
+    # after fwd+bwd both libraries hold at least the gradient: one input-sized tensor (2 MB here)
+    (row,) = bench.run(
+        [bench.Cell((512, 1024), "none", "fwd+bwd")], repeats=1, memory=True, progress=False
+    ).rows
+    assert row.mem_method in ("VmHWM", "ru_maxrss")
+    assert 0.9 <= row.torch_mem < 12 and 0.9 <= row.bcelogits_mem < 12
+
+
+def test_cells_and_labels():
+    cells = bench.make_cells([(64, 80, 128, 128)], ["pos_weight"], ["fwd"])
+    (c,) = cells
+    assert c.size == "83.9M" and c.class_dim == 1 and c.config_label == "pos_weight (80, dim 1)"
+    inp = bench.make_inputs(bench.Cell((2, 3, 4, 5), "pos_weight"))
+    assert inp.kw_torch["pos_weight"].shape == (3, 1, 1) and inp.kw_ours == {
+        "pos_weight": inp.kw_ours["pos_weight"],
+        "class_dim": 1,
+    }
+    assert bench.bytes_moved(bench.Cell((10, 10), "weight", "fwd+bwd")) == 4 * 100 * 4
+    assert bench._small_shape((1, 2**24), 2**20) == (1, 2**20)
+    with pytest.raises(ValueError):
+        bench.Cell((3,), "bogus")
