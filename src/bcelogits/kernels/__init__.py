@@ -219,6 +219,7 @@ def forward(call, want_grad: bool = False) -> Forward:
         loss_out=None if loss_out is None else _flat_view(loss_out, call, kernel),
         grad_out=None if grad_out is None else _flat_view(grad_out, call, kernel),
         grad_scale=scale,
+        weight_sum=call.reduction == "weighted_mean",
     )
     if elementwise:
         return Forward(_to_out(call, loss_out), grad_out, 1.0)

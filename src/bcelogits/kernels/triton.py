@@ -505,14 +505,15 @@ def _launch(x, y, w, w_inner, p, p_inner, *, label_smoothing, ignore_index, foca
 
 
 def forward(x, y, w, w_inner, p, p_inner, *, label_smoothing=0.0, ignore_index=None, focal_gamma=0.0,
-            loss_out=None, grad_out=None, grad_scale=1.0):  # fmt: skip
+            loss_out=None, grad_out=None, grad_scale=1.0, weight_sum=True):  # fmt: skip
     """One fused pass: per-element loss into ``loss_out``, ``grad_scale * dloss/dx`` into ``grad_out``.
 
     ``x``, ``y``: 1-D contiguous tensors of length n (float32/float64/float16/bfloat16, may differ);
     ``w``, ``p``: None or 1-D tensors read as ``w[(i // w_inner) % len(w)]``; ``grad_scale``: a
     number or a one-element tensor (read on the device, so a loss scale needs no host sync).
     Returns 0-dim device tensors ``(loss_sum float64, count int64, weight_sum float64)`` over the
-    elements whose target is not ``ignore_index``; ``weight_sum == count`` when ``w`` is None.
+    elements whose target is not ``ignore_index``; ``weight_sum == count`` when ``w`` is None. The
+    ``weight_sum`` flag exists for the CPU kernel's signature: here the sum is free, always computed.
     """
     return _launch(x, y, w, w_inner, p, p_inner, label_smoothing=label_smoothing, ignore_index=ignore_index,
                    focal_gamma=focal_gamma, loss_out=loss_out, grad_out=grad_out, go=None,

@@ -1,0 +1,391 @@
+"""The fused numba CPU kernel (bcelogits.kernels.cpu), tested directly.
+
+References: the formulas of ``bcelogits._math`` evaluated in float64 NumPy on the same (dtype-rounded)
+inputs, and mpmath at 50 digits for spot checks. Errors are relative, per element, where the true value
+is a normal number of the dtype; for the gradient, relative to ``|first term| + |second term|`` (soft
+targets make the two terms cancel).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from bcelogits import _math as M
+
+cpu = pytest.importorskip("bcelogits.kernels.cpu")
+if not cpu.available():  # pragma: no cover - depends on the install
+    pytest.skip(f"fused CPU kernel unavailable: {cpu.unavailable_reason}", allow_module_level=True)
+
+DTYPES = [np.float32, np.float64]
+SIZES = [0, 1, 7, 4097, 100003]
+# Tolerances of the spec: float32 loss / grad, float64 loss / grad.
+TOL = {np.float32: (1e-6, 2e-5), np.float64: (1e-14, 1e-12)}
+
+
+# ---------------------------------------------------------------------------------------- reference
+def _expand(a, inner, n):
+    if a is None:
+        return None
+    return np.asarray(a, np.float64)[(np.arange(n) // inner) % a.size]
+
+
+def smoothed(y, ls):
+    """The smoothed target as the kernel defines it: fma(y, dtype(1 - ls), dtype(ls / 2)) in y's dtype."""
+    if not ls:
+        return y.astype(np.float64)
+    dt = y.dtype.type
+    exact = y.astype(np.float64) * float(dt(1.0 - ls)) + float(dt(0.5 * ls))  # fma, as far as float64 goes
+    if dt is np.float32:
+        return exact.astype(np.float32).astype(np.float64)
+    return exact
+
+
+def reference(x, y, w=None, wi=1, p=None, pi=1, ls=0.0, ignore=None, gamma=0.0):
+    """Float64 (loss, grad, grad_scale) per element from bcelogits._math."""
+    n = x.size
+    x64 = x.astype(np.float64)
+    wf, pf = _expand(w, wi, n), _expand(p, pi, n)
+    ys = smoothed(y, ls)
+    with np.errstate(all="ignore"):
+        loss = M.loss(np, x64, ys, wf, pf)
+        g = M.grad_input(np, x64, ys, wf, pf)
+        c_pos, c_neg = M.coefficients(ys, wf, pf)
+        scale = np.abs(c_pos / (1 + np.exp(-x64))) + np.abs(c_neg / (1 + np.exp(x64)))
+        if gamma:
+            l1 = M.log_one_minus_pt(np, x64, ys)
+            d1 = M.d_log_one_minus_pt(np, x64, ys)
+            f = np.exp(gamma * l1)
+            extra = np.where(d1 == 0, 0.0, gamma * loss * d1)
+            scale = f * (scale + np.abs(extra))
+            loss, g = f * loss, f * (g + extra)
+    if ignore is not None:
+        keep = y != np.asarray(ignore, y.dtype)
+        loss, g, scale = (np.where(keep, v, 0.0) for v in (loss, g, scale))
+    return loss, g, scale
+
+
+def rel_err(got, want, scale):
+    """Max relative error over elements whose reference scale is a normal number of got's dtype."""
+    tiny = np.finfo(got.dtype).tiny
+    m = np.isfinite(want) & (np.abs(scale) >= tiny)
+    if not m.any():
+        return 0.0
+    return float(np.max(np.abs(got[m].astype(np.float64) - want[m]) / np.abs(scale[m])))
+
+
+def make(n, dt, rng, soft=False, span=100.0):
+    x = rng.uniform(-span, span, n)
+    x[: n // 2] = rng.normal(0, 4, n // 2)
+    y = rng.random(n) if soft else (rng.random(n) > 0.5).astype(np.float64)
+    return x.astype(dt), y.astype(dt)
+
+
+def run_forward(x, y, w=None, wi=1, p=None, pi=1, **kw):
+    lo = np.full_like(x, np.nan)
+    g = np.full_like(x, np.nan)
+    total, count, wsum = cpu.forward(x, y, w, wi, p, pi, loss_out=lo, grad_out=g, **kw)
+    return lo, g, total, count, wsum
+
+
+# weight / pos_weight patterns: (name, w(n, dt, rng) -> (array or None, inner))
+def _w_none(n, dt, rng):
+    return None, 1
+
+
+def _w_scalar(n, dt, rng):
+    return np.array([0.7], dt), 1
+
+
+def _w_lastdim(n, dt, rng):  # (C,) vector on the last dim
+    return rng.uniform(0.1, 3, 7).astype(dt), 1
+
+
+def _w_class(n, dt, rng):  # class vector on an inner dim: (C,) with C=3, inner 5
+    return rng.uniform(0.1, 3, 3).astype(dt), 5
+
+
+def _w_full(n, dt, rng):
+    return rng.uniform(0.1, 3, max(n, 1)).astype(dt), 1
+
+
+def _p_vec(n, dt, rng):  # pos_weight 1e-3 .. 1e6 on the last dim
+    return np.exp(rng.uniform(math.log(1e-3), math.log(1e6), 11)).astype(dt), 1
+
+
+def _p_class(n, dt, rng):
+    return np.array([1e-3, 1.0, 1e6], dt), 4
+
+
+CONFIGS = {
+    "plain": (_w_none, _w_none, {}),
+    "w_scalar": (_w_scalar, _w_none, {}),
+    "w_lastdim_p_vec": (_w_lastdim, _p_vec, {}),
+    "w_class_p_class": (_w_class, _p_class, {}),
+    "w_full_p_vec": (_w_full, _p_vec, {}),
+    "smoothing": (_w_none, _p_vec, {"label_smoothing": 0.1}),
+    "ignore": (_w_class, _w_none, {"ignore_index": -100}),
+    "focal_0.5": (_w_none, _w_none, {"focal_gamma": 0.5}),
+    "focal_2_all": (_w_lastdim, _p_vec, {"focal_gamma": 2.0, "ignore_index": -100, "label_smoothing": 0.05}),
+}
+
+
+# ---------------------------------------------------------------------------------------- tests
+def test_import_is_lazy():
+    """Importing the module imports no numba and compiles nothing."""
+    code = "import sys, bcelogits.kernels.cpu as c; assert 'numba' not in sys.modules; print(c.BLOCK)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_available():
+    assert cpu.available() is True
+    assert cpu.unavailable_reason == ""
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dt", DTYPES)
+def test_against_reference(dt, n, config):
+    rng = np.random.default_rng(zlib.crc32(f"{config}/{n}".encode()))
+    wfun, pfun, kw = CONFIGS[config]
+    x, y = make(n, dt, rng, soft=config in ("smoothing", "focal_0.5"))
+    w, wi = wfun(n, dt, rng)
+    p, pi = pfun(n, dt, rng)
+    if "ignore_index" in kw and n:
+        y[rng.random(n) < 0.3] = kw["ignore_index"]
+    lo, g, total, count, wsum = run_forward(x, y, w, wi, p, pi, **kw)
+    L, G, S = reference(
+        x, y, w, wi, p, pi, kw.get("label_smoothing", 0.0), kw.get("ignore_index"), kw.get("focal_gamma", 0.0)
+    )
+    tl, tg = TOL[dt]
+    if kw.get("focal_gamma", 0.0):
+        # f = exp(gamma L1) turns an absolute error of L1 = log(1 - p_t) into a relative one, times gamma:
+        # the float64 reference's own rounding is up to ~gamma |L1| 1e-16, and with a soft target near the
+        # confident side (1 - p_t ~ 1e-6) float32 log(1 - p_t) is good to ~u |L1| only.
+        tl = {np.float32: 4e-6, np.float64: 5e-14}[dt]
+    assert rel_err(lo, L, L) <= tl
+    assert rel_err(g, G, S) <= tg
+    # The reductions: float64 sum, count and weight sum of the counted elements.
+    keep = np.ones(n, bool) if "ignore_index" not in kw else y != np.asarray(kw["ignore_index"], dt)
+    assert count == int(keep.sum())
+    wfull = np.ones(n) if w is None else _expand(w, wi, n)
+    assert wsum == pytest.approx(math.fsum(wfull[keep]), rel=1e-12, abs=0)
+    assert total == pytest.approx(math.fsum(lo.astype(np.float64)), rel=1e-12, abs=1e-300)
+    if n:
+        assert total == pytest.approx(math.fsum(L), rel=10 * tl)
+    # backward of reduction='none': go * dloss/dx (bitwise what the forward pass gives times go).
+    go = rng.normal(size=n).astype(dt)
+    gb = np.full_like(x, np.nan)
+    cpu.backward_none(x, y, w, wi, p, pi, go, gb, **kw)
+    np.testing.assert_array_equal(gb, go * g)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_sweep_hard_and_soft_targets(dt):
+    """A denser sweep over logits in [-100, 100], targets {0,1} and soft, weights, pos_weight 1e-3..1e6."""
+    rng = np.random.default_rng(7)
+    n = 200_000
+    for soft in (False, True):
+        x, y = make(n, dt, rng, soft=soft)
+        w = rng.uniform(0.1, 3, n).astype(dt)
+        p = np.exp(rng.uniform(math.log(1e-3), math.log(1e6), n)).astype(dt)
+        lo, g, *_ = run_forward(x, y, w, 1, p, 1)
+        L, G, S = reference(x, y, w, 1, p, 1)
+        tl, tg = TOL[dt]
+        assert rel_err(lo, L, L) <= tl
+        assert rel_err(g, G, S) <= tg
+
+
+def _mp_loss_grad(x, y, w, p):
+    import mpmath as mp
+
+    x, y, w, p = (mp.mpf(float(v)) for v in (x, y, w, p))
+
+    def softplus(t):
+        return mp.log1p(mp.exp(t)) if t < 0 else t + mp.log1p(mp.exp(-t))
+
+    sp_pos, sp_neg = softplus(x), softplus(-x)
+    t1, t2 = w * (1 - y) / (1 + mp.exp(-x)), w * p * y / (1 + mp.exp(x))
+    return w * ((1 - y) * sp_pos + p * y * sp_neg), t1 - t2, abs(t1) + abs(t2)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_mpmath_spot_checks(dt):
+    import mpmath as mp
+
+    mp.mp.dps = 50
+    xs = [0.0, 1e-30, -1e-7, 0.3, -2.5, 15.0, -17.5, 40.5, -41.0, 88.0, -88.5, 99.75, -100.0]
+    ys = [0.0, 1.0, 0.25, 1e-6, 0.999]
+    ws = [1.0, 0.37]
+    ps = [1e-3, 1.0, 1e6]
+    cases = [(a, b, c, d) for a in xs for b in ys for c in ws for d in ps]
+    x, y, w, p = (np.array(v, dt) for v in zip(*cases))
+    lo, g, *_ = run_forward(x, y, w, 1, p, 1)
+    tl, tg = TOL[dt]
+    tiny = np.finfo(dt).tiny
+    for i, (a, b, c, d) in enumerate(cases):
+        L, G, S = _mp_loss_grad(x[i], y[i], w[i], p[i])
+        if L >= tiny:
+            assert abs(lo[i] - L) <= tl * L, (a, b, c, d, lo[i], L)
+        if S >= tiny:
+            assert abs(g[i] - G) <= tg * S, (a, b, c, d, g[i], G)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+@pytest.mark.parametrize("dt", DTYPES)
+def test_infinite_and_nan_logits(dt, gamma):
+    """+-inf give the exact limits (never NaN); NaN logits give NaN, unless the element is ignored."""
+    x = np.array([np.inf, -np.inf, np.inf, -np.inf, np.inf, -np.inf, np.nan, np.nan, 1e30, -1e30], dt)
+    y = np.array([0.0, 1.0, 1.0, 0.0, 0.5, 0.5, 1.0, -100.0, 0.0, 1.0], dt)
+    p = np.array([3.0], dt)
+    lo, g, total, count, _ = run_forward(x, y, None, 1, p, 1, ignore_index=-100, focal_gamma=gamma)
+    assert lo[0] == np.inf and g[0] == 1.0  # softplus(inf), sigma(inf)
+    assert lo[1] == np.inf and g[1] == -3.0  # p * softplus(inf), -p * sigma(inf)
+    assert lo[2] == 0.0 and g[2] == 0.0
+    assert lo[3] == 0.0 and g[3] == 0.0
+    assert lo[4] == np.inf and lo[5] == np.inf
+    if gamma == 0.0:
+        assert g[4] == 0.5 and g[5] == -1.5
+    assert np.isnan(lo[6]) and np.isnan(g[6])
+    assert lo[7] == 0.0 and g[7] == 0.0 and count == 9
+    assert np.isnan(total)
+    L, G, _ = reference(x, y, None, 1, p, 1, ignore=-100, gamma=gamma)
+    np.testing.assert_allclose(lo, L.astype(dt), rtol=TOL[dt][0] * 4, equal_nan=True)
+    np.testing.assert_allclose(g, G.astype(dt), rtol=TOL[dt][1], equal_nan=True)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_underflow_tail(dt):
+    """Small-side terms are scaled before the second exp(-a/2): p*exp(-|x|) stays a normal number where
+    exp(-|x|) alone underflows (float32, |x| > 87), and denormal results round once."""
+    x = np.array([95.0, -95.0, 100.0, -100.0, 180.0, -180.0, 760.0, -760.0], dt)
+    y = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0], dt)
+    p = np.array([1e6], dt)
+    w = np.array([1e30 if dt is np.float32 else 1e300], dt)
+    lo, g, *_ = run_forward(x, y, w, 1, p, 1)
+    L, G, S = reference(x, y, w, 1, p, 1)
+    rel = np.abs(lo - L) / np.maximum(np.abs(L), np.finfo(dt).tiny)
+    assert np.all((rel <= TOL[dt][0]) | (np.abs(lo - L) <= np.finfo(dt).smallest_subnormal))
+    assert np.all(np.isfinite(lo)) and np.all(np.isfinite(g))
+
+
+def test_focal_gamma_zero_is_plain():
+    rng = np.random.default_rng(3)
+    x, y = make(5000, np.float32, rng, soft=True)
+    a = run_forward(x, y)
+    b = run_forward(x, y, focal_gamma=0.0)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2] == b[2]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_outputs_optional_and_grad_scale(dt):
+    rng = np.random.default_rng(4)
+    x, y = make(30001, dt, rng)
+    p = np.array([2.0], dt)
+    lo, g, total, count, wsum = run_forward(x, y, None, 1, p, 1)
+    t2 = cpu.forward(x, y, None, 1, p, 1)  # sum only
+    assert t2 == (total, count, wsum)
+    lo2 = np.empty_like(x)
+    assert cpu.forward(x, y, None, 1, p, 1, loss_out=lo2)[0] == total
+    np.testing.assert_array_equal(lo2, lo)
+    g2 = np.empty_like(x)
+    assert cpu.forward(x, y, None, 1, p, 1, grad_out=g2, grad_scale=0.25)[0] == total
+    np.testing.assert_array_equal(g2, g * dt(0.25))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_long_weight_periods(dt):
+    """Weight patterns too long to pre-expand: runs (inner > 1), wrapped views (inner = 1)."""
+    rng = np.random.default_rng(5)
+    n = 100_003
+    x, y = make(n, dt, rng, soft=True)
+    for w, wi in [(rng.uniform(0.1, 2, 3).astype(dt), 6001), (rng.uniform(0.1, 2, 20011).astype(dt), 1)]:
+        lo, g, total, count, wsum = run_forward(x, y, w, wi, w, wi)
+        L, G, S = reference(x, y, w, wi, w, wi)
+        assert rel_err(lo, L, L) <= TOL[dt][0] and rel_err(g, G, S) <= TOL[dt][1]
+        assert wsum == pytest.approx(math.fsum(_expand(w, wi, n)), rel=1e-12)
+
+
+def test_sum_is_independent_of_thread_count(monkeypatch):
+    rng = np.random.default_rng(6)
+    n = 2**18 + 5
+    x, y = make(n, np.float32, rng, soft=True)
+    y[::7] = -1
+    w = rng.uniform(0.1, 2, 13).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3, 5):
+        monkeypatch.setattr(cpu, "_num_threads", lambda t=threads: t)
+        g = np.empty_like(x)
+        results.append((cpu.forward(x, y, w, 1, None, 1, ignore_index=-1, grad_out=g), g))
+    for r, g in results[1:]:
+        assert r == results[0][0]
+        np.testing.assert_array_equal(g, results[0][1])
+
+
+def test_thread_count_follows_torch():
+    torch = pytest.importorskip("torch")
+    import numba
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu._num_threads() == 1
+        torch.set_num_threads(2)
+        assert cpu._num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_torch_views_and_readonly_inputs():
+    torch = pytest.importorskip("torch")
+    xt = torch.linspace(-20, 20, 9999)
+    yt = (xt > 0.5).float()
+    g = torch.empty_like(xt)
+    total, count, _ = cpu.forward(xt.numpy(), yt.numpy(), None, 1, None, 1, grad_out=g.numpy())
+    want = torch.nn.functional.binary_cross_entropy_with_logits(xt.double(), yt.double(), reduction="sum")
+    assert total == pytest.approx(want.item(), rel=1e-6) and count == 9999
+    assert torch.allclose(g, torch.sigmoid(xt) - yt, atol=1e-6)
+    x, y = xt.numpy().copy(), yt.numpy().copy()
+    x.flags.writeable = False
+    y.flags.writeable = False
+    assert cpu.forward(x, y, None, 1, None, 1)[0] == total
+
+
+def test_in_place_gradient():
+    """grad_out may be x itself (forward) or go itself (backward_none)."""
+    rng = np.random.default_rng(8)
+    x, y = make(10000, np.float64, rng)
+    _, g, *_ = run_forward(x, y)
+    xc = x.copy()
+    cpu.forward(xc, y, None, 1, None, 1, grad_out=xc)
+    np.testing.assert_array_equal(xc, g)
+    go = rng.normal(size=x.size)
+    gb = np.empty_like(x)
+    cpu.backward_none(x, y, None, 1, None, 1, go, gb)
+    cpu.backward_none(x, y, None, 1, None, 1, go, go)
+    np.testing.assert_array_equal(go, gb)
+
+
+def test_argument_errors():
+    x = np.zeros(10, np.float32)
+    with pytest.raises(ValueError):
+        cpu.forward(x, np.zeros(10, np.float64), None, 1, None, 1)
+    with pytest.raises(ValueError):
+        cpu.forward(x, np.zeros(9, np.float32), None, 1, None, 1)
+    with pytest.raises(ValueError):
+        cpu.forward(x.astype(np.float16), x.astype(np.float16), None, 1, None, 1)
+    with pytest.raises(ValueError):
+        cpu.forward(x, x, None, 1, None, 1, grad_out=np.zeros(9, np.float32))
+    big = np.zeros(20, np.float32)
+    with pytest.raises(ValueError):
+        cpu.forward(big[:10], x, None, 1, None, 1, grad_out=big[5:15])  # partial overlap
+    with pytest.raises(ValueError):
+        cpu.forward(x, x.copy(), np.zeros(0, np.float32), 1, None, 1)
