@@ -1,0 +1,142 @@
+# ruff: noqa: B023  (the timed closures are called within the loop iteration that defines them)
+"""Microbenchmark of the fused numba CPU kernel (bcelogits.kernels.cpu) against torch, same process.
+
+    PYTHONPATH=src python benchmarks/kernel_cpu_micro.py [--sizes 4100000 84000000] [--reps 7]
+    PYTHONPATH=src python benchmarks/kernel_cpu_micro.py --compile   # first-call compile / cached load
+
+Times are medians of ``--reps`` wall-clock runs (after one warm-up run); the CPU time per call (all
+threads) shows whether the threads really ran in parallel (about 2x the wall time with 2 threads) or
+the machine was busy. torch runs
+``F.binary_cross_entropy_with_logits`` (mean) forward, and forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _median_time(fn, reps):
+    """(median wall seconds, process CPU seconds per call) over ``reps`` calls after a warm-up call."""
+    fn()
+    ts = []
+    c0 = time.process_time()
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), (time.process_time() - c0) / reps
+
+
+def _cases(n, dtype):
+    """The timed callables for one size (closures over this size's arrays)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bcelogits.kernels import cpu
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(n, dtype=np.float32) * 4).astype(dtype)
+    y = (rng.random(n, dtype=np.float32) > 0.5).astype(dtype)
+    g = np.zeros_like(x)
+    lo = np.zeros_like(x)
+    go = np.ones_like(x)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    scale = 1.0 / n
+
+    def torch_fwd_bwd():
+        xr = xt.detach().requires_grad_()
+        F.binary_cross_entropy_with_logits(xr, yt).backward()
+
+    return {
+        "kernel loss sum": lambda: cpu.forward(x, y, None, 1, None, 1),
+        "kernel loss+grad": lambda: cpu.forward(x, y, None, 1, None, 1, grad_out=g, grad_scale=scale),
+        "kernel loss+grad (new out)": lambda: cpu.forward(
+            x, y, None, 1, None, 1, grad_out=np.empty_like(x), grad_scale=scale
+        ),
+        "kernel loss_out": lambda: cpu.forward(x, y, None, 1, None, 1, loss_out=lo),
+        "kernel backward_none": lambda: cpu.backward_none(x, y, None, 1, None, 1, go, g),
+        "kernel focal loss+grad": lambda: cpu.forward(x, y, None, 1, None, 1, grad_out=g, focal_gamma=2.0),
+        "torch fwd (mean)": lambda: F.binary_cross_entropy_with_logits(xt, yt),
+        "torch fwd+bwd (mean)": torch_fwd_bwd,
+    }
+
+
+def bench(sizes, reps, dtype):
+    import torch
+
+    from bcelogits.kernels import cpu
+
+    assert cpu.available(), cpu.unavailable_reason
+    print(
+        f"threads: {cpu._num_threads()} (torch {torch.get_num_threads()}), dtype {dtype}, block {cpu.BLOCK}"
+    )
+    rows = []
+    for n in sizes:
+        print(f"\nn = {n:,}")
+        for name, fn in _cases(n, dtype).items():
+            t, cpu_s = _median_time(fn, reps)
+            rows.append({"n": n, "case": name, "median_ms": t * 1e3, "cpu_ms_per_call": cpu_s * 1e3})
+            print(f"  {name:28s} {t * 1e3:10.2f} ms   ({cpu_s * 1e3:8.2f} ms cpu per call)")
+    return rows
+
+
+_CHILD = """
+import time, json
+t0 = time.perf_counter(); c0 = time.process_time()
+import numpy as np
+import numba
+t1 = time.perf_counter(); c1 = time.process_time()
+from bcelogits.kernels import cpu
+ok = cpu.available()
+t2 = time.perf_counter(); c2 = time.process_time()
+x = np.ones(5); cpu.forward(x, x, None, 1, None, 1)
+t3 = time.perf_counter(); c3 = time.process_time()
+print(json.dumps({"ok": ok, "import_numba": [t1 - t0, c1 - c0], "float32": [t2 - t1, c2 - c1],
+                  "float64": [t3 - t2, c3 - c2]}))
+"""
+
+
+def compile_times():
+    """First call in a fresh process (empty numba cache), then a second process (cache hit)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("fresh cache", "cached"):
+            r = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr)
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            imp, f32, f64 = d["import_numba"], d["float32"], d["float64"]
+            print(
+                f"{label:12s} import numpy+numba {imp[0]:.2f}s wall / {imp[1]:.2f}s cpu;"
+                f" available() (float32) {f32[0]:.2f}s / {f32[1]:.2f}s;"
+                f" first float64 call {f64[0]:.2f}s / {f64[1]:.2f}s"
+            )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4_100_000, 2**24, 84_000_000])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--compile", action="store_true", help="measure compile and cache-load times only")
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args(argv)
+    if a.compile:
+        compile_times()
+        return
+    rows = bench(a.sizes, a.reps, np.dtype(a.dtype))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
