@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="FILE.png", help="also draw the speed-ups as a chart")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (median reported)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated element counts instead of the defaults, e.g. 16M,84M,2**28",
+    )
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)
