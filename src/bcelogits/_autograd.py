@@ -74,6 +74,8 @@ class BCEWithLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go, _unused_grad, _unused_pending):
+        if go is None:  # grads are not materialized: no gradient flowed into the loss
+            return None, None, None, None, None, None
         x, y, w, p = ctx.saved_tensors
         call = _bind(ctx.call, x, y, w, p)
         gx = gy = None
@@ -159,8 +161,7 @@ def _loss_op(
     fwd = kernels.forward(call, want_grad=want_grad)
     if not want_grad:
         return fwd.loss, x.new_empty(0)
-    g = fwd.grad if isinstance(fwd.pending, float) and fwd.pending == 1.0 else fwd.grad * fwd.pending
-    return fwd.loss, g.to(x.dtype)
+    return fwd.loss, fwd.final_grad().to(x.dtype)
 
 
 @_loss_op.register_fake

@@ -87,15 +87,9 @@ def loss_and_grad(
         with torch.no_grad():
             call.input, call.target = call.input.detach(), call.target.detach()
             fwd = kernels.forward(call, want_grad=True)
-            grad = fwd.grad if _is_one(fwd.pending) else fwd.grad * fwd.pending
-            return fwd.loss, grad.to(input.dtype)
+            return fwd.loss, fwd.final_grad().to(input.dtype)
     fwd = kernels.forward(call, want_grad=True)
-    grad = fwd.grad if _is_one(fwd.pending) else fwd.grad * fwd.pending
-    return fwd.loss, grad.astype(input.dtype, copy=False)
-
-
-def _is_one(v) -> bool:
-    return isinstance(v, float) and v == 1.0
+    return fwd.loss, fwd.final_grad().astype(input.dtype, copy=False)
 
 
 def pos_weight_from_targets(target, class_dim: int = -1):

@@ -135,6 +135,17 @@ class Forward:
     grad: Any  # d(reduced loss)/d input in the compute dtype, or None (times `pending`)
     pending: Any  # factor the grad still needs: 1.0, or 1/denominator when it was unknown in the pass
 
+    def final_grad(self):
+        """The gradient with the pending factor applied (in place: the gradient is this call's own)."""
+        if isinstance(self.pending, float) and self.pending == 1.0:
+            return self.grad
+        p = self.pending
+        if not isinstance(p, float) and hasattr(p, "to"):
+            p = p.to(self.grad.dtype)
+        self.grad *= p
+        self.pending = 1.0
+        return self.grad
+
 
 def _options_kw(call) -> dict:
     o = call.options
