@@ -7,7 +7,9 @@
 Times are medians of ``--reps`` wall-clock runs (after one warm-up run); the CPU time per call (all
 threads) shows whether the threads really ran in parallel (about 2x the wall time with 2 threads) or
 the machine was busy. torch runs
-``F.binary_cross_entropy_with_logits`` (mean) forward, and forward + backward.
+``F.binary_cross_entropy_with_logits`` (mean) forward under ``torch.no_grad()``, and forward + backward.
+``--compile --no-scipy`` hides scipy from the child processes (as in a fresh venv without it: numba
+imports scipy.linalg, when present, on its first compile or cache load).
 """
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ def _cases(n, dtype):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     scale = 1.0 / n
 
+    def torch_fwd():
+        with torch.no_grad():
+            F.binary_cross_entropy_with_logits(xt, yt)
+
     def torch_fwd_bwd():
         xr = xt.detach().requires_grad_()
         F.binary_cross_entropy_with_logits(xr, yt).backward()
 
     return {
-        "kernel loss sum": lambda: cpu.forward(x, y, None, 1, None, 1),
+        "kernel loss-only (sum)": lambda: cpu.forward(x, y, None, 1, None, 1),
         "kernel loss+grad": lambda: cpu.forward(x, y, None, 1, None, 1, grad_out=g, grad_scale=scale),
         "kernel loss+grad (new out)": lambda: cpu.forward(
             x, y, None, 1, None, 1, grad_out=np.empty_like(x), grad_scale=scale
@@ -64,7 +70,7 @@ def _cases(n, dtype):
         "kernel loss_out": lambda: cpu.forward(x, y, None, 1, None, 1, loss_out=lo),
         "kernel backward_none": lambda: cpu.backward_none(x, y, None, 1, None, 1, go, g),
         "kernel focal loss+grad": lambda: cpu.forward(x, y, None, 1, None, 1, grad_out=g, focal_gamma=2.0),
-        "torch fwd (mean)": lambda: F.binary_cross_entropy_with_logits(xt, yt),
+        "torch fwd (mean, no_grad)": torch_fwd,
         "torch fwd+bwd (mean)": torch_fwd_bwd,
     }
 
@@ -89,7 +95,9 @@ def bench(sizes, reps, dtype):
 
 
 _CHILD = """
-import time, json
+import sys, time, json
+if {no_scipy}:
+    sys.modules["scipy"] = None  # import scipy -> ImportError, as if it were not installed
 t0 = time.perf_counter(); c0 = time.process_time()
 import numpy as np
 import numba
@@ -97,27 +105,34 @@ t1 = time.perf_counter(); c1 = time.process_time()
 from bcelogits.kernels import cpu
 ok = cpu.available()
 t2 = time.perf_counter(); c2 = time.process_time()
-x = np.ones(5); cpu.forward(x, x, None, 1, None, 1)
+x = np.ones(5, np.float32); cpu.forward(x, x, None, 1, None, 1)
 t3 = time.perf_counter(); c3 = time.process_time()
-print(json.dumps({"ok": ok, "import_numba": [t1 - t0, c1 - c0], "float32": [t2 - t1, c2 - c1],
-                  "float64": [t3 - t2, c3 - c2]}))
+x = np.ones(5); cpu.forward(x, x, None, 1, None, 1, grad_out=np.empty(5))
+t4 = time.perf_counter(); c4 = time.process_time()
+print(json.dumps({{"ok": ok, "import_numba": [t1 - t0, c1 - c0], "float32": [t2 - t1, c2 - c1],
+                  "loss_only": [t3 - t2, c3 - c2], "float64": [t4 - t3, c4 - c3],
+                  "scipy": bool(sys.modules.get("scipy"))}}))
 """
 
 
-def compile_times():
-    """First call in a fresh process (empty numba cache), then a second process (cache hit)."""
+def compile_times(no_scipy=False):
+    """First calls in a fresh process (empty numba cache), then in a second process (cache hit):
+    import numba; available() (float32 loss + gradient); first float32 loss-only call; first float64
+    loss + gradient call."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        code = _CHILD.format(no_scipy=bool(no_scipy))
         for label in ("fresh cache", "cached"):
-            r = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError(r.stderr)
             d = json.loads(r.stdout.strip().splitlines()[-1])
-            imp, f32, f64 = d["import_numba"], d["float32"], d["float64"]
+            imp, f32, lo, f64 = d["import_numba"], d["float32"], d["loss_only"], d["float64"]
             print(
                 f"{label:12s} import numpy+numba {imp[0]:.2f}s wall / {imp[1]:.2f}s cpu;"
                 f" available() (float32) {f32[0]:.2f}s / {f32[1]:.2f}s;"
-                f" first float64 call {f64[0]:.2f}s / {f64[1]:.2f}s"
+                f" first float32 loss-only {lo[0]:.2f}s / {lo[1]:.2f}s;"
+                f" first float64 {f64[0]:.2f}s / {f64[1]:.2f}s; scipy imported: {d['scipy']}"
             )
 
 
@@ -127,10 +142,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--compile", action="store_true", help="measure compile and cache-load times only")
+    ap.add_argument("--no-scipy", action="store_true", help="with --compile: children see no scipy")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     if a.compile:
-        compile_times()
+        compile_times(a.no_scipy)
         return
     rows = bench(a.sizes, a.reps, np.dtype(a.dtype))
     if a.json:

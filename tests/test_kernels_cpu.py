@@ -179,6 +179,11 @@ def test_against_reference(dt, n, config):
     assert total == pytest.approx(math.fsum(lo.astype(np.float64)), rel=1e-12, abs=1e-300)
     if n:
         assert total == pytest.approx(math.fsum(L), rel=10 * tl)
+    # Loss only (the gradient-free kernel unless focal): the same element losses and sums, bitwise.
+    lo2 = np.full_like(x, np.nan)
+    assert cpu.forward(x, y, w, wi, p, pi, loss_out=lo2, **kw) == (total, count, wsum)
+    np.testing.assert_array_equal(lo2, lo)
+    assert cpu.forward(x, y, w, wi, p, pi, **kw) == (total, count, wsum)
     # backward of reduction='none': go * dloss/dx (bitwise what the forward pass gives times go).
     go = rng.normal(size=n).astype(dt)
     gb = np.full_like(x, np.nan)
@@ -314,20 +319,44 @@ def test_long_weight_periods(dt):
         assert wsum == pytest.approx(math.fsum(_expand(w, wi, n)), rel=1e-12)
 
 
-def test_sum_is_independent_of_thread_count(monkeypatch):
+@pytest.mark.parametrize("dt", DTYPES)
+def test_sum_is_independent_of_thread_count(monkeypatch, dt):
+    """Loss + gradient, loss only (element losses and sum only) and focal: bitwise the same for any number
+    of threads, and the loss-only kernel agrees bitwise with the loss + gradient one."""
     rng = np.random.default_rng(6)
     n = 2**18 + 5
-    x, y = make(n, np.float32, rng, soft=True)
+    x, y = make(n, dt, rng, soft=True)
     y[::7] = -1
-    w = rng.uniform(0.1, 2, 13).astype(np.float32)
+    w = rng.uniform(0.1, 2, 13).astype(dt)
+    p = np.exp(rng.uniform(-7, 14, 5)).astype(dt)
     results = []
     for threads in (1, 2, 3, 5):
         monkeypatch.setattr(cpu, "_num_threads", lambda t=threads: t)
-        g = np.empty_like(x)
-        results.append((cpu.forward(x, y, w, 1, None, 1, ignore_index=-1, grad_out=g), g))
-    for r, g in results[1:]:
+        g, lo, lo2 = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        kw = {"ignore_index": -1, "label_smoothing": 0.05}
+        r = cpu.forward(x, y, w, 1, p, 1, grad_out=g, loss_out=lo, **kw)
+        r2 = cpu.forward(x, y, w, 1, p, 1, loss_out=lo2, **kw)
+        r3 = cpu.forward(x, y, w, 1, p, 1, **kw)
+        rf = cpu.forward(x, y, w, 1, p, 1, focal_gamma=2.0, **kw)
+        assert r == r2 == r3
+        np.testing.assert_array_equal(lo2, lo)
+        results.append(((r, rf), g, lo))
+    for r, g, lo in results[1:]:
         assert r == results[0][0]
         np.testing.assert_array_equal(g, results[0][1])
+        np.testing.assert_array_equal(lo, results[0][2])
+
+
+def test_loss_only_kernel_is_lazy():
+    """available() compiles the loss + gradient kernel only; the loss-only one compiles on first use."""
+    code = (
+        "import numpy as np, bcelogits.kernels.cpu as c; assert c.available();"
+        "assert not c._run_loss.signatures, c._run_loss.signatures;"
+        "x = np.ones(3, np.float32); c.forward(x, x, None, 1, None, 1);"
+        "assert len(c._run_loss.signatures) == 1"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_thread_count_follows_torch():

@@ -21,9 +21,14 @@ which is also the count when torch is not imported): the calling thread plus a s
 threads, the compiled code releasing the GIL. Each block stores float64 partial sums, added in block
 order at the end, so results are bitwise identical for any thread count.
 
-Compilation: importing this module neither imports numba nor compiles. The kernel is compiled on first
-use, one specialisation per dtype (and one more per dtype for focal loss, on its first use), and cached
-on disk by numba (``cache=True``), so later processes only load it.
+Loss only (no ``grad_out``, no focal term) runs a separate kernel, :func:`_run_loss`, whose loop has
+no gradient (no second division, no gradient stores): the same element losses and block sums, bit for
+bit, as the loss + gradient kernel.
+
+Compilation: importing this module neither imports numba nor compiles. Each kernel is compiled on first
+use, one specialisation per dtype: :func:`available` compiles the float32 loss + gradient kernel; the
+loss-only kernel, float64 and focal loss compile on their first use. All are cached on disk by numba
+(``cache=True``), so later processes only load them.
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ _EXP64 = (
     2.763024893189953e-07,
     2.5000063549257597e-08,
 )
+# The same for exp(-u/2) as a polynomial in u (coefficient of u^(j+2): P_j (-1/2)^(j+2), exact scalings).
+_EXP32U = tuple(c * (-0.5) ** (j + 2) for j, c in enumerate(_EXP32))
+_EXP64U = tuple(c * (-0.5) ** (j + 2) for j, c in enumerate(_EXP64))
 # 2 atanh(s) = 2s + 2s z Q(z), z = s^2 in [0, 1/9], Q = (Q0, Q1, ...); max relative error 5e-9 / 1e-18.
 _LOG32 = (0.33333206564805007, 0.2001084959436607, 0.13999569703293127, 0.14012232824624316)
 _LOG64 = (
@@ -271,6 +279,21 @@ def _exp_poly(r):
     return _fma(q, r, one)
 
 
+def _exp_poly_u(u):
+    """``exp(-u/2)`` for ``|u| <= ln2``: :func:`_exp_poly` at ``r = -u/2`` with the coefficients scaled by
+    powers of -1/2 (exact), so the same value bit for bit without computing ``-u/2``."""
+    if _is64(u):
+        q = _k(u, 0.0, _EXP64U[-1])
+        for c in _EXP64U[-2::-1]:
+            q = _fma(q, u, _cast(u, c))
+    else:
+        q = _k(u, _EXP32U[-1], 0.0)
+        for c in _EXP32U[-2::-1]:
+            q = _fma(q, u, _cast(u, c))
+    q = _fma(q, u, _k(u, -0.5, -0.5))
+    return _fma(q, u, _k(u, 1.0, 1.0))
+
+
 def _atanh2(s):
     """``2 atanh(s) = log((1 + s) / (1 - s))`` for ``s*s <= 1/9``: ``2s + 2s z Q(z)``, ``z = s^2``."""
     z = s * s
@@ -323,24 +346,25 @@ def _core(x, y, w, p, k1, k0):
     zero = _k(x, 0.0, 0.0)
     one = _k(x, 1.0, 1.0)
     pos = x >= zero
-    a = x if pos else -x
+    a = abs(x)  # (-0.0 -> 0.0: the same values)
     ys = _fma(y, k1, k0)
     c_pos = w * (one - ys)
     c_neg = w * (p * ys)
     cb = c_pos if pos else c_neg
     cs = c_neg if pos else c_pos
-    # h = exp(-a/2): t = max(-a/2, lo) (NaN kept), t = k ln2 + r, h = (2^(k+off) exp(r)) 2^-off, the
-    # last product rounding once into the denormal range.
-    t = _k(x, -0.5, -0.5) * a
-    lo = _k(x, -104.0, -746.0)
-    t = lo if t < lo else t
+    # h = exp(-a/2) = exp(t), t = max(-a/2, lo) (NaN kept), t = k ln2 + r, h = (2^(k+off) exp(r)) 2^-off,
+    # the last product rounding once into the denormal range. Computed from u = -2r = ac + 2k ln2 with
+    # ac = min(a, -2 lo): the constants carry the exact factors -1/2, so no product -a/2 is formed and
+    # every rounding is that of the t, r formulation.
+    hi = _k(x, 208.0, 1492.0)
+    ac = hi if a > hi else a
     magic = _k(x, 12582912.0, 6755399441055744.0)
-    z = _fma(t, _k(x, _LOG2E, _LOG2E), magic)
+    z = _fma(ac, _k(x, -0.5 * _LOG2E, -0.5 * _LOG2E), magic)
     kf = z - magic
-    r = _fma(kf, _k(x, -_LN2_HI32, -_LN2_HI64), t)
-    r = _fma(kf, _k(x, -_LN2_LO32, -_LN2_LO64), r)
+    u = _fma(kf, _k(x, 2.0 * _LN2_HI32, 2.0 * _LN2_HI64), ac)
+    u = _fma(kf, _k(x, 2.0 * _LN2_LO32, 2.0 * _LN2_LO64), u)
     off = 64 if _is64(x) else 32
-    h = (_exp_poly(r) * _pow2(z, off)) * _pow2(magic, -off)
+    h = (_exp_poly_u(u) * _pow2(z, off)) * _pow2(magic, -off)
     e = h * h
     lp = _atanh2(e / (_k(x, 2.0, 2.0) + e))  # log1p(e), e in [0, 1]
     small_e = (cs * h) * h
@@ -485,20 +509,59 @@ def _run(x, y, w, p, go, lo, gr, part, b0, b1, ls, ig, gamma, gscale, w_inner, p
                     ok = ys[i] != igT
                     lv[i] = r[0] if ok else zero
                     gv[i] = gsT * r[1] if ok else zero
-        if flags & 2:
-            acc = 0.0
-            for i in range(m):
-                acc = _radd(acc, np.float64(lv[i]))
-            part[0, b] = acc
-        if flags & 4:
-            c = 0.0
-            ws = 0.0
-            for i in range(m):
-                ok = ys[i] != igT
-                c = _radd(c, 1.0 if ok else 0.0)
-                ws = _radd(ws, np.float64(wv[i]) if ok else 0.0)
-            part[1, b] = c
-            part[2, b] = ws
+        _block_sums(lv, ys, wv, igT, part, b, m, flags)
+
+
+def _run_loss(x, y, w, p, lo, part, b0, b1, ls, ig, w_inner, p_inner, flags):
+    """The loss-only variant of :func:`_run` (plain loss, no gradient): the same element losses, bitwise,
+    and the same block partials, from a loop that computes no gradient (no second division, no stores
+    but the loss). Compiled separately, on first use, so that the first call of the gradient kernel
+    does not pay for it. ``flags`` as for :func:`_run`."""
+    n = x.size
+    dt = x.dtype
+    scratch = np.empty(3 * BLOCK, dt)  # weights, pos_weights, losses
+    mb = min(BLOCK, n)
+    wper = w.size * w_inner
+    pper = p.size * p_inner
+    wext = np.empty(wper + mb if wper <= _EXT_MAX else 0, dt)
+    pext = np.empty(pper + mb if pper <= _EXT_MAX else 0, dt)
+    _expand(w, w_inner, wext)
+    _expand(p, p_inner, pext)
+    one = _k(x[0], 1.0, 1.0)
+    zero = _k(one, 0.0, 0.0)
+    k1 = _cast(one, 1.0 - ls)
+    k0 = _cast(one, 0.5 * ls)
+    igT = _cast(one, ig)
+    for b in range(b0, b1):
+        s = b * BLOCK
+        m = min(BLOCK, n - s)
+        xs = x[s : s + m]
+        ys = y[s : s + m]
+        wv = _block_weights(w, w_inner, wext, scratch[:BLOCK], s, m)
+        pv = _block_weights(p, p_inner, pext, scratch[BLOCK : 2 * BLOCK], s, m)
+        lv = lo[s : s + m] if flags & 1 else scratch[2 * BLOCK : 2 * BLOCK + m]
+        for i in range(m):
+            v = _core(xs[i], ys[i], wv[i], pv[i], k1, k0)[0]
+            lv[i] = v if ys[i] != igT else zero
+        _block_sums(lv, ys, wv, igT, part, b, m, flags)
+
+
+def _block_sums(lv, ys, wv, igT, part, b, m, flags):
+    """Block ``b``'s float64 partials: loss sum (flags & 2), count and weight sum (flags & 4)."""
+    if flags & 2:
+        acc = 0.0
+        for i in range(m):
+            acc = _radd(acc, np.float64(lv[i]))
+        part[0, b] = acc
+    if flags & 4:
+        c = 0.0
+        ws = 0.0
+        for i in range(m):
+            ok = ys[i] != igT
+            c = _radd(c, 1.0 if ok else 0.0)
+            ws = _radd(ws, np.float64(wv[i]) if ok else 0.0)
+        part[1, b] = c
+        part[2, b] = ws
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,8 +569,9 @@ def _run(x, y, w, p, go, lo, gr, part, b0, b1, ls, ig, gamma, gscale, w_inner, p
 # --------------------------------------------------------------------------------------------------
 
 _INTRINSICS = ("_fma", "_k", "_cast", "_radd", "_is64", "_pow2", "_scale2", "_logsplit")
-_INLINE = ("_exp_poly", "_atanh2", "_exp_any", "_log", "_core", "_focal")  # LLVM alwaysinline
-_KERNELS = ("_expand", "_block_weights", "_run")
+# LLVM alwaysinline:
+_INLINE = ("_exp_poly", "_exp_poly_u", "_atanh2", "_exp_any", "_log", "_core", "_focal", "_block_sums")
+_KERNELS = ("_expand", "_block_weights", "_run", "_run_loss")
 _built = False
 _numba = None
 _ok: bool | None = None
@@ -566,9 +630,10 @@ def _build() -> None:
 
 
 def available() -> bool:
-    """True if numba imports and the float32 kernel compiles (or loads from numba's cache) and gives
-    the right answer on a small case. Never raises; the result is remembered. When False, the reason is
-    in :data:`unavailable_reason`. The float64 and focal specialisations compile on first use."""
+    """True if numba imports and the float32 loss + gradient kernel compiles (or loads from numba's
+    cache) and gives the right answer on a small case. Never raises; the result is remembered. When
+    False, the reason is in :data:`unavailable_reason`. The loss-only kernel and the float64 and focal
+    specialisations compile on first use."""
     global _ok, unavailable_reason
     if _ok is not None:
         return _ok
@@ -579,7 +644,10 @@ def available() -> bool:
             _build()
             x = np.array([0.0, -1.0], np.float32)
             y = np.array([1.0, 0.0], np.float32)
-            total, count, wsum = forward(x, y, None, 1, None, 1)
+            g = np.empty_like(x)
+            total, count, wsum = forward(x, y, None, 1, None, 1, grad_out=g)
+            if not (g[0] == -0.5 and abs(g[1] - 1.0 / (1.0 + math.e)) < 1e-7):
+                raise RuntimeError(f"self-check gave the gradient {g}")
             want = 2.0 * math.log(2.0) - math.log(2.0) + math.log1p(math.exp(-1.0))
             if not (count == 2 and wsum == 2.0 and abs(total - want) < 1e-6):
                 raise RuntimeError(f"self-check gave {(total, count, wsum)}")
@@ -687,29 +755,33 @@ def _executor(workers):
     return _pool
 
 
-def _launch(x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags):
-    """Run all blocks (contiguous block ranges per thread; the calling thread takes the first) and
-    return the (loss sum, count, weight sum) of the block partials, summed in block order."""
-    n = x.size
+def _launch(fn, args, rest, n):
+    """Run ``fn(*args, b0, b1, *rest)`` over all blocks (contiguous block ranges per thread; the calling
+    thread takes the first) and return the (loss sum, count, weight sum) of the block partials, summed in
+    block order. ``args`` ends with the partials array."""
     nb = (n + BLOCK - 1) // BLOCK
     part = np.zeros((3, nb))
+    args = (*args, part)
     nchunks = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
-    args = (_ro(x), _ro(y), w, p, go, lo, gr, part)
-    rest = (float(ls), float(ig), None if gamma == 0.0 else float(gamma), float(gscale), w_inner, p_inner)
-    rest = (*rest, mode, flags)
     if nchunks == 1:
-        _run(*args, 0, nb, *rest)
+        fn(*args, 0, nb, *rest)
     else:
         bounds = [c * nb // nchunks for c in range(nchunks + 1)]
         pool = _executor(nchunks - 1)
-        futures = [pool.submit(_run, *args, bounds[c], bounds[c + 1], *rest) for c in range(1, nchunks)]
+        futures = [pool.submit(fn, *args, bounds[c], bounds[c + 1], *rest) for c in range(1, nchunks)]
         try:
-            _run(*args, bounds[0], bounds[1], *rest)
+            fn(*args, bounds[0], bounds[1], *rest)
         finally:
             for f in futures:
                 f.result()
     total, count, wsum = part.sum(axis=1)  # pairwise over blocks: independent of the thread count
     return float(total), float(count), float(wsum)
+
+
+def _launch_run(x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags):
+    """:func:`_run` over all blocks; ``gamma == 0`` selects the plain (non-focal) specialisation."""
+    rest = (float(ls), float(ig), None if gamma == 0.0 else float(gamma), float(gscale), w_inner, p_inner)
+    return _launch(_run, (_ro(x), _ro(y), w, p, go, lo, gr), (*rest, mode, flags), x.size)
 
 
 def _weight_sum_all(w, w_inner, n):
@@ -765,12 +837,18 @@ def forward(
         flags |= 4
     if n == 0:
         return 0.0, 0, 0.0
-    total, count, wsum = _launch(
-        x, y, wv, pv, _consts(dt)[1],
-        empty if loss_out is None else loss_out, empty if grad_out is None else grad_out,
-        label_smoothing, math.nan if ignore_index is None else ignore_index, focal_gamma, grad_scale,
-        wi, pi, 0 if grad_out is None else 1, flags,
-    )  # fmt: skip
+    ig = math.nan if ignore_index is None else float(ignore_index)
+    lo = empty if loss_out is None else loss_out
+    if grad_out is None and focal_gamma == 0.0:
+        # Loss only: the gradient-free kernel (compiled on its first use).
+        rest = (float(label_smoothing), ig, wi, pi, flags)
+        total, count, wsum = _launch(_run_loss, (_ro(x), _ro(y), wv, pv, lo), rest, n)
+    else:
+        total, count, wsum = _launch_run(
+            x, y, wv, pv, _consts(dt)[1], lo, empty if grad_out is None else grad_out,
+            label_smoothing, ig, focal_gamma, grad_scale,
+            wi, pi, 0 if grad_out is None else 1, flags,
+        )  # fmt: skip
     if ignore_index is None:
         count = n
         if w is None:
@@ -792,7 +870,7 @@ def backward_none(
     if n == 0:
         return None
     empty = _consts(dt)[2]
-    _launch(
+    _launch_run(
         x, y, wv, pv, _ro(go), empty, grad_out,
         label_smoothing, math.nan if ignore_index is None else ignore_index, focal_gamma, 1.0,
         wi, pi, 2, 0,
