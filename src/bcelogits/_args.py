@@ -131,18 +131,18 @@ def namespace(input, target, weight=None, pos_weight=None):
                 f"{FUNCTION}(): argument '{name}' must be a torch.Tensor or numpy.ndarray, got "
                 f"{type(a).__name__}; wrap it with torch.as_tensor(...) or numpy.asarray(...)"
             )
-    kinds = {is_tensor(a) for a in (input, target, weight, pos_weight) if a is not None}
-    if len(kinds) > 1:
-        raise ArgumentTypeError(
-            f"{FUNCTION}(): input, target, weight and pos_weight must all be torch tensors or all numpy "
-            "arrays; convert with torch.from_numpy(...) or tensor.numpy()"
-        )
     for name, a in (("weight", weight), ("pos_weight", pos_weight)):
         if a is not None and not (is_tensor(a) or isinstance(a, np.ndarray)):
             raise ArgumentTypeError(
                 f"{FUNCTION}(): argument '{name}' must be a Tensor or None, got {type(a).__name__}; "
                 f"pass torch.tensor({name}) (or numpy.asarray for NumPy inputs)"
             )
+    kinds = {is_tensor(a) for a in (input, target, weight, pos_weight) if a is not None}
+    if len(kinds) > 1:
+        raise ArgumentTypeError(
+            f"{FUNCTION}(): input, target, weight and pos_weight must all be torch tensors or all numpy "
+            "arrays; convert with torch.from_numpy(...) or tensor.numpy()"
+        )
     return _torch() if is_tensor(input) else np
 
 
@@ -248,7 +248,7 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
         if not _is_real(w):
             raise DTypeError(f"{FUNCTION}(): '{name}' must be real-valued, got dtype {w.dtype}")
         if torch is not None:
-            if w.requires_grad:
+            if w.requires_grad and torch.is_grad_enabled():  # as torch: fine under no_grad
                 raise RuntimeError(
                     f"The function '{FUNCTION}' is not differentiable with respect to argument '{name}'. "
                     f"This input cannot have requires_grad True; pass {name}.detach()"

@@ -80,7 +80,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         call = _bind(ctx.call, x, y, w, p)
         gx = gy = None
         if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():  # create_graph=True: differentiable formulas
+            if _differentiable_backward(go, x, y):
                 gx = _chain(call, _elementwise_grad(call, "input"), go)
             elif call.reduction == "none":
                 gx = kernels.backward_none(call, go)
@@ -104,6 +104,12 @@ class BCEWithLogitsFunction(torch.autograd.Function):
             s = kernels.reduced_scale(call)
             t = t.sum(dtype=torch.float64) * s
         return t.to(call.out_dtype), None, None
+
+
+def _differentiable_backward(*tensors) -> bool:
+    """Backward must itself be differentiable or transformable: create_graph=True (double backward),
+    vmap over backward (batched gradients), or forward-mode AD over backward (Hessian-vector products)."""
+    return torch.is_grad_enabled() or not all(kernels.plain_tensor(t, torch) for t in tensors)
 
 
 def _take_fused_grad(ctx, call, go):

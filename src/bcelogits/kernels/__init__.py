@@ -92,11 +92,17 @@ def flat_pattern(w, shape: tuple):
     return w.reshape(-1), math.prod(shape[d1 + 1 :])
 
 
-def _plain_tensor(t, torch) -> bool:
+def plain_tensor(t, torch) -> bool:
+    """A dense tensor the kernels may read through .numpy() / data pointers (no subclass, no fake
+    tensor, no functorch wrapper, no forward-AD tangent)."""
     if type(t) is not torch.Tensor:  # subclasses, fake tensors under torch.compile
         return False
     functorch = getattr(torch._C, "_functorch", None)
-    return not (functorch is not None and functorch.is_functorch_wrapped_tensor(t))
+    if functorch is not None and (
+        functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)  # vmap'd backward
+    ):
+        return False
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is None
 
 
 def choose(call):
@@ -113,7 +119,7 @@ def choose(call):
             return _cpu_module() if backend in ("auto", "cpu") else None
         return None
     torch = call.xp
-    if not (_plain_tensor(x, torch) and _plain_tensor(y, torch)):
+    if not (plain_tensor(x, torch) and plain_tensor(y, torch)):
         return None
     if not (x.is_contiguous() and y.is_contiguous()):
         return None
