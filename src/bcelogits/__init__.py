@@ -5,12 +5,14 @@ from __future__ import annotations
 from . import kernels
 from ._args import ArgumentTypeError, DTypeError
 from .functional import binary_cross_entropy_with_logits, loss_and_grad, pos_weight_from_targets
+from .kernels import PerformanceWarning
 
 __version__ = "0.1.0"
 __all__ = [
     "ArgumentTypeError",
     "BCEWithLogitsLoss",
     "DTypeError",
+    "PerformanceWarning",
     "binary_cross_entropy_with_logits",
     "kernels",
     "loss_and_grad",

@@ -15,6 +15,7 @@ forcing never changes a result, only the route.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import warnings
@@ -26,9 +27,16 @@ import numpy as np
 from .. import _math
 
 BACKENDS = ("auto", "plain", "cpu", "triton")
-_state = {"backend": os.environ.get("BCELOGITS_BACKEND", "auto") or "auto", "warned": False}
-if _state["backend"] not in BACKENDS:
-    raise ValueError(f"BCELOGITS_BACKEND={_state['backend']!r}; expected one of {BACKENDS}")
+_DEFAULT = os.environ.get("BCELOGITS_BACKEND", "auto") or "auto"
+if _DEFAULT not in BACKENDS:
+    raise ValueError(f"BCELOGITS_BACKEND={_DEFAULT!r}; expected one of {BACKENDS}")
+# Per thread and per asyncio task: one thread's `use(...)` never reroutes another's calls.
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("bcelogits_backend", default=_DEFAULT)
+_state = {"warned": False}
+
+
+class PerformanceWarning(UserWarning):
+    """The fast path is unavailable and a slower one gives the same results (filter it if you know)."""
 
 
 @contextlib.contextmanager
@@ -36,15 +44,16 @@ def use(backend: str):
     """Route calls inside the ``with`` block through ``backend`` (one of :data:`BACKENDS`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    old, _state["backend"] = _state["backend"], backend
+    token = _backend.set(backend)
     try:
         yield
     finally:
-        _state["backend"] = old
+        _backend.reset(token)
 
 
 def current() -> str:
-    return _state["backend"]
+    """The backend calls in this context are routed through."""
+    return _backend.get()
 
 
 # --------------------------------------------------------------------------------------------- choice
@@ -55,14 +64,14 @@ def _cpu_module():
         cpu, reason = None, str(exc)
     if cpu is not None and cpu.available():
         return cpu
-    if not _state["warned"] and _state["backend"] == "auto":
+    if not _state["warned"] and current() == "auto":
         _state["warned"] = True
         warnings.warn(
             "bcelogits: the fused CPU kernel is unavailable "
             f"({reason if cpu is None else cpu.unavailable_reason}); using the plain path, "
             "which is about 4x slower. "
             "Install numba (pip install 'bcelogits[fast]') for the fast path.",
-            RuntimeWarning,
+            PerformanceWarning,
             stacklevel=4,
         )
     return None
@@ -107,7 +116,7 @@ def plain_tensor(t, torch) -> bool:
 
 def choose(call):
     """The kernel module (``cpu`` / ``triton``) that serves ``call``, or ``None`` for the plain path."""
-    backend = _state["backend"]
+    backend = current()
     x, y = call.input, call.target
     if backend == "plain" or math.prod(call.shape) == 0:
         return None
