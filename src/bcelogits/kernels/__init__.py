@@ -189,9 +189,14 @@ def _empty(call, dtype):
     return np.empty(call.shape, dtype=dtype)
 
 
+def _takes_tensors(kernel) -> bool:
+    """The Triton kernels take torch tensors; the numba kernels take NumPy arrays."""
+    return kernel.__name__.endswith("triton")
+
+
 def _kernel_args(call, kernel):
     """Flat views of x, y and the (array, inner) form of the weights, in what ``kernel`` takes."""
-    torch_kernel = kernel.__name__.endswith("triton")
+    torch_kernel = _takes_tensors(kernel)
     w, w_inner = flat_pattern(call.weight, call.shape)
     p, p_inner = flat_pattern(call.pos_weight, call.shape)
     if torch_kernel:
@@ -266,7 +271,7 @@ def forward(call, want_grad: bool = False) -> Forward:
 
 
 def _flat_view(out, call, kernel):
-    if kernel.__name__.endswith("triton") or not call.is_torch:
+    if _takes_tensors(kernel) or not call.is_torch:
         return out.reshape(-1)
     return out.reshape(-1).numpy()
 
@@ -288,18 +293,8 @@ def _plain_forward(call, want_grad: bool) -> Forward:
         )
     if call.reduction == "none":
         return Forward(_to_out(call, loss), g, 1.0)
-    acc = xp.float64
-    total = loss.sum(dtype=acc)
-    n = math.prod(call.shape)
-    count, wsum = n, n
-    if call.options.ignore_index is not None or call.reduction == "weighted_mean":
-        keep = y != call.options.ignore_index if call.options.ignore_index is not None else None
-        count = n if keep is None else keep.sum()
-        if call.reduction == "weighted_mean":
-            wb = xp.ones_like(x) if call.weight is None else call.weight * xp.ones_like(x)
-            wsum = (wb if keep is None else xp.where(keep, wb, 0.0)).sum(dtype=acc)
-    denom = _denominator(call, count, wsum)
-    value = _divide(call, total, denom)
+    denom = _plain_denominator(call)
+    value = _divide(call, loss.sum(dtype=xp.float64), denom)
     if g is not None and call.reduction != "sum":
         scale = _divide(call, 1.0, denom)
         g = g * (scale if isinstance(scale, float) else scale.to(g.dtype) if call.is_torch else scale)
@@ -325,32 +320,31 @@ def backward_none(call, go):
         return g * go.to(g.dtype) if call.is_torch else g * go
     grad = _empty(call, call.compute_dtype)
     go_flat = go.to(call.compute_dtype).contiguous() if call.is_torch else go.astype(call.compute_dtype)
-    go_k = (
-        go_flat.reshape(-1)
-        if kernel.__name__.endswith("triton")
-        else _as_kernel_array(go_flat, call.is_torch)
-    )
+    go_k = go_flat.reshape(-1) if _takes_tensors(kernel) else _as_kernel_array(go_flat, call.is_torch)
     kernel.backward_none(
         *_kernel_args(call, kernel), go_k.reshape(-1), _flat_view(grad, call, kernel), **_options_kw(call)
     )
     return grad
 
 
-def reduced_scale(call):
-    """d(reduced loss)/d(elementwise loss) for reductions other than 'none' (plain, differentiable)."""
-    if call.reduction == "sum":
-        return 1.0
+def _plain_denominator(call):
+    """The reduction's denominator computed from the arrays (what the kernels return as count / wsum):
+    the number of kept elements for 'mean', their broadcast weight sum for 'weighted_mean'."""
+    if call.reduction in ("sum", "none"):
+        return 1
     xp = call.xp
-    n = math.prod(call.shape)
     ii = call.options.ignore_index
     keep = None if ii is None else call.target != ii
     if call.reduction == "mean":
-        denom = n if keep is None else keep.sum()
-    else:
-        wb = xp.ones_like(call.input, dtype=call.compute_dtype)
-        wb = wb if call.weight is None else wb * call.weight
-        denom = (wb if keep is None else xp.where(keep, wb, 0.0)).sum(dtype=xp.float64)
-    return _divide(call, 1.0, denom)
+        return math.prod(call.shape) if keep is None else keep.sum()
+    wb = xp.ones_like(call.input, dtype=call.compute_dtype)
+    wb = wb if call.weight is None else wb * call.weight
+    return (wb if keep is None else xp.where(keep, wb, 0.0)).sum(dtype=xp.float64)
+
+
+def reduced_scale(call):
+    """d(reduced loss)/d(elementwise loss) for reductions other than 'none' (plain, differentiable)."""
+    return _divide(call, 1.0, _plain_denominator(call))
 
 
 @contextlib.contextmanager
