@@ -258,3 +258,42 @@ def test_vmap_and_per_sample_gradients(reduction):
         [torch.func.grad(lambda a, b: BCE(a, b, w, **kw).sum())(x[i], y[i]) for i in range(4)]
     )
     torch.testing.assert_close(per_sample, loop_grads, rtol=1e-13, atol=1e-15)
+
+
+@needs_cpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_kernel_build_failure_falls_back_once(monkeypatch, reduction):
+    """A specialisation that fails to compile (numba raises on its first call) leaves the library working
+    on the plain path, with one PerformanceWarning saying why; other errors are not swallowed."""
+    import numba.core.errors
+
+    def broken(*args, **kwargs):
+        raise numba.core.errors.TypingError("simulated build failure")
+
+    monkeypatch.setattr(cpu, "forward", broken)
+    monkeypatch.setattr(cpu, "backward_none", broken)
+    monkeypatch.setattr(kernels, "_failed", set())
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(7, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        loss = BCE(x, y, reduction=reduction)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        BCE(x, y, reduction=reduction)
+    perf = [r for r in rec if issubclass(r.category, bcelogits.PerformanceWarning)]
+    assert len(perf) == 1 and "simulated build failure" in str(perf[0].message)
+    with kernels.use("plain"):
+        ref = BCE(x, y, reduction=reduction)
+        (gref,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    torch.testing.assert_close(g, gref, rtol=0, atol=0)
+
+
+@needs_cpu
+def test_kernel_bugs_are_not_swallowed(monkeypatch):
+    def buggy(*args, **kwargs):
+        raise IndexError("a bug, not a build failure")
+
+    monkeypatch.setattr(cpu, "forward", buggy)
+    with pytest.raises(IndexError, match="a bug"):
+        BCE(torch.randn(4), torch.rand(4))

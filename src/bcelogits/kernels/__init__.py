@@ -95,6 +95,26 @@ def _triton_module(device):
     return tk if tk.available(device) else None
 
 
+def _kernel_failed(kernel, exc: BaseException) -> bool:
+    """A kernel's own build failure (numba / llvmlite / triton compile errors, raised on the first call of
+    a specialisation): warn once and let the caller take the plain path. Anything else is re-raised."""
+    mod = type(exc).__module__ or ""
+    if not mod.startswith(("numba", "llvmlite", "triton")):
+        return False
+    _failed.add(kernel.__name__)
+    warnings.warn(
+        f"bcelogits: the fused kernel {kernel.__name__} failed to build ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}); using the plain path for this process, which is "
+        "slower but gives the same results.",
+        PerformanceWarning,
+        stacklevel=4,
+    )
+    return True
+
+
+_failed: set = set()  # kernels that failed to build in this process
+
+
 def flat_pattern(w, shape: tuple):
     """``(w_flat, inner)`` such that element ``i`` of the flattened input uses ``w_flat[(i // inner) % C]``,
     or ``None`` when the broadcast of ``w`` to ``shape`` is not of that form (e.g. shape (N, 1, W))."""
@@ -126,6 +146,11 @@ def plain_tensor(t, torch) -> bool:
 
 def choose(call):
     """The kernel module (``cpu`` / ``triton``) that serves ``call``, or ``None`` for the plain path."""
+    kernel = _choose(call)
+    return None if kernel is None or kernel.__name__ in _failed else kernel
+
+
+def _choose(call):
     backend = current()
     x, y = call.input, call.target
     if backend == "plain" or math.prod(call.shape) == 0:
@@ -247,6 +272,15 @@ def forward(call, want_grad: bool = False) -> Forward:
     kernel = choose(call)
     if kernel is None:
         return _plain_forward(call, want_grad)
+    try:
+        return _kernel_forward(call, kernel, want_grad)
+    except Exception as exc:
+        if _kernel_failed(kernel, exc):
+            return _plain_forward(call, want_grad)
+        raise
+
+
+def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
     n = math.prod(call.shape)
     elementwise = call.reduction == "none"
     loss_out = _empty(call, call.compute_dtype) if elementwise else None
@@ -304,20 +338,21 @@ def _plain_forward(call, want_grad: bool) -> Forward:
 def backward_none(call, go):
     """``go * d loss_i / d x_i`` for the 'none' reduction, in the compute dtype."""
     kernel = choose(call)
-    if kernel is None:
-        x, y = _compute_inputs(call)
-        with _quiet(call):
-            _, g, _ = _math.evaluate(
-                call.xp,
-                x,
-                y,
-                call.weight,
-                call.pos_weight,
-                **_options_kw(call),
-                want_loss=False,
-                want_grad=True,
-            )
-        return g * go.to(g.dtype) if call.is_torch else g * go
+    if kernel is not None:
+        try:
+            return _kernel_backward_none(call, kernel, go)
+        except Exception as exc:
+            if not _kernel_failed(kernel, exc):
+                raise
+    x, y = _compute_inputs(call)
+    with _quiet(call):
+        _, g, _ = _math.evaluate(
+            call.xp, x, y, call.weight, call.pos_weight, **_options_kw(call), want_loss=False, want_grad=True
+        )
+    return g * go.to(g.dtype) if call.is_torch else g * go
+
+
+def _kernel_backward_none(call, kernel, go):
     grad = _empty(call, call.compute_dtype)
     go_flat = go.to(call.compute_dtype).contiguous() if call.is_torch else go.astype(call.compute_dtype)
     go_k = go_flat.reshape(-1) if _takes_tensors(kernel) else _as_kernel_array(go_flat, call.is_torch)
