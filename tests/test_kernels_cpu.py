@@ -347,13 +347,15 @@ def test_sum_is_independent_of_thread_count(monkeypatch, dt):
         np.testing.assert_array_equal(lo, results[0][2])
 
 
-def test_loss_only_kernel_is_lazy():
-    """available() compiles the loss + gradient kernel only; the loss-only one compiles on first use."""
+def test_kernels_compile_lazily():
+    """available() compiles nothing; each kernel compiles on its first use, and only that one."""
     code = (
         "import numpy as np, bcelogits.kernels.cpu as c; assert c.available();"
-        "assert not c._run_loss.signatures, c._run_loss.signatures;"
+        "assert not c._run_loss.signatures and not c._run.signatures;"
         "x = np.ones(3, np.float32); c.forward(x, x, None, 1, None, 1);"
-        "assert len(c._run_loss.signatures) == 1"
+        "assert len(c._run_loss.signatures) == 1 and not c._run.signatures;"
+        "c.forward(x, x, None, 1, None, 1, grad_out=np.empty_like(x));"
+        "assert len(c._run.signatures) == 1"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -630,10 +630,12 @@ def _build() -> None:
 
 
 def available() -> bool:
-    """True if numba imports and the float32 loss + gradient kernel compiles (or loads from numba's
-    cache) and gives the right answer on a small case. Never raises; the result is remembered. When
-    False, the reason is in :data:`unavailable_reason`. The loss-only kernel and the float64 and focal
-    specialisations compile on first use."""
+    """True if numba imports and the kernels can be set up. Never raises; the result is remembered; when
+    False the reason is in :data:`unavailable_reason`. Nothing is compiled here: each specialisation
+    (float32/float64, loss+grad / loss-only, focal) compiles, or loads from numba's on-disk cache, on its
+    first use, so a process pays only for the kernels it runs. A specialisation that fails to build then
+    raises a numba error, on which the dispatcher (:mod:`bcelogits.kernels`) warns once and falls back
+    to the plain path; the test suite checks every specialisation against the reference."""
     global _ok, unavailable_reason
     if _ok is not None:
         return _ok
@@ -642,18 +644,9 @@ def available() -> bool:
             return _ok
         try:
             _build()
-            x = np.array([0.0, -1.0], np.float32)
-            y = np.array([1.0, 0.0], np.float32)
-            g = np.empty_like(x)
-            total, count, wsum = forward(x, y, None, 1, None, 1, grad_out=g)
-            if not (g[0] == -0.5 and abs(g[1] - 1.0 / (1.0 + math.e)) < 1e-7):
-                raise RuntimeError(f"self-check gave the gradient {g}")
-            want = 2.0 * math.log(2.0) - math.log(2.0) + math.log1p(math.exp(-1.0))
-            if not (count == 2 and wsum == 2.0 and abs(total - want) < 1e-6):
-                raise RuntimeError(f"self-check gave {(total, count, wsum)}")
             unavailable_reason = ""
             _ok = True
-        except Exception as exc:  # any failure (no numba, no compiler, broken cache) means "not usable"
+        except Exception as exc:  # no numba, or a broken install: "not usable"
             unavailable_reason = f"{type(exc).__name__}: {exc}"
             _ok = False
     return _ok
