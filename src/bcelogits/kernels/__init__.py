@@ -39,6 +39,11 @@ class PerformanceWarning(UserWarning):
     """The fast path is unavailable and a slower one gives the same results (filter it if you know)."""
 
 
+class KernelBuildError(RuntimeError):
+    """A fused kernel could not be built on this machine (raised on its first use; the dispatcher warns
+    once and takes the plain path)."""
+
+
 @contextlib.contextmanager
 def use(backend: str):
     """Route calls inside the ``with`` block through ``backend`` (one of :data:`BACKENDS`)."""
@@ -99,7 +104,7 @@ def _kernel_failed(kernel, exc: BaseException) -> bool:
     """A kernel's own build failure (numba / llvmlite / triton compile errors, raised on the first call of
     a specialisation): warn once and let the caller take the plain path. Anything else is re-raised."""
     mod = type(exc).__module__ or ""
-    if not mod.startswith(("numba", "llvmlite", "triton")):
+    if not (isinstance(exc, KernelBuildError) or mod.startswith(("numba", "llvmlite", "triton"))):
         return False
     _failed.add(kernel.__name__)
     warnings.warn(
