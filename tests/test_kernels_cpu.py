@@ -322,32 +322,44 @@ def test_long_weight_periods(dt):
         assert wsum == pytest.approx(math.fsum(_expand(w, wi, n)), rel=1e-12)
 
 
+@pytest.mark.parametrize("launcher", ["torch-openmp", "python-threads"])
 @pytest.mark.parametrize("dt", DTYPES)
-def test_sum_is_independent_of_thread_count(monkeypatch, dt):
-    """Loss + gradient, loss only (element losses and sum only) and focal: bitwise the same for any number
-    of threads, and the loss-only kernel agrees bitwise with the loss + gradient one."""
+def test_sum_is_independent_of_thread_count(monkeypatch, dt, launcher):
+    """Loss + gradient, loss only (element losses and sum only), focal and the plain specialisation:
+    bitwise the same for any number of threads, on torch's OpenMP team or on our own threads, and the
+    loss-only kernel agrees bitwise with the loss + gradient one."""
+    torch = pytest.importorskip("torch")
+    if launcher == "torch-openmp":
+        if torch.__config__.parallel_info().find("parallel backend: OpenMP") < 0:
+            pytest.skip("this torch build does not run its operators on OpenMP")
+        assert cpu._torch_openmp() is not None  # torch's libgomp found: the launcher under test
+    else:
+        monkeypatch.setattr(cpu, "_torch_openmp", lambda: None)
     rng = np.random.default_rng(6)
     n = 2**18 + 5
     x, y = make(n, dt, rng, soft=True)
     y[::7] = -1
+    yb = (y > 0.5).astype(dt)
     w = rng.uniform(0.1, 2, 13).astype(dt)
     p = np.exp(rng.uniform(-7, 14, 5)).astype(dt)
     results = []
     for threads in (1, 2, 3, 5):
         monkeypatch.setattr(cpu, "_num_threads", lambda t=threads: t)
-        g, lo, lo2 = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        g, lo, lo2, gp = np.empty_like(x), np.empty_like(x), np.empty_like(x), np.empty_like(x)
         kw = {"ignore_index": -1, "label_smoothing": 0.05}
         r = cpu.forward(x, y, w, 1, p, 1, grad_out=g, loss_out=lo, **kw)
         r2 = cpu.forward(x, y, w, 1, p, 1, loss_out=lo2, **kw)
         r3 = cpu.forward(x, y, w, 1, p, 1, **kw)
         rf = cpu.forward(x, y, w, 1, p, 1, focal_gamma=2.0, **kw)
+        rp = cpu.forward(x, yb, None, 1, None, 1, grad_out=gp)
         assert r == r2 == r3
+        assert rp == cpu.forward(x, yb, None, 1, None, 1)
         np.testing.assert_array_equal(lo2, lo)
-        results.append(((r, rf), g, lo))
-    for r, g, lo in results[1:]:
-        assert r == results[0][0]
-        np.testing.assert_array_equal(g, results[0][1])
-        np.testing.assert_array_equal(lo, results[0][2])
+        results.append(((r, rf, rp), g, lo, gp))
+    for res in results[1:]:
+        assert res[0] == results[0][0]
+        for a, b in zip(res[1:], results[0][1:]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_kernels_compile_lazily_and_load_from_the_cache(tmp_path):

@@ -308,8 +308,22 @@ def _i_outlined(typingctx, fn, args):
     return sig.return_type(fn, args), codegen
 
 
+def _i_voidptr(typingctx, addr):
+    """The integer ``addr`` as a ``void *``."""
+    from llvmlite import ir
+    from numba.core import types
+
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.voidptr(addr), codegen
+
+
 # The names the compiled code calls; _build() binds them to numba intrinsics made from the functions above.
-_fma = _k = _cast = _radd = _is64 = _pow2 = _scale2 = _logsplit = _fetch_add = _outlined = None
+_fma = _k = _cast = _radd = _is64 = _pow2 = _scale2 = _logsplit = _fetch_add = _outlined = _voidptr = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,20 +658,42 @@ def _make_worker(mode, focal, plain):
     return work
 
 
-def _make_entry(work):
-    """The C entry point around ``work``: raw pointers and lengths in, arrays made with ``carray``."""
-    carray = _numba.carray
+# The argument block of the C entry point: one int64 array, shared by all threads of a call.
+_A_ARRAYS = 0  # (address, length) of x, y, w, p, go, lo, gr, part (3 x nb), wext, pext, scratch
+_A_CTR = 22  # address of the block counter, then of the scratch-slot counter
+_A_INTS = 24  # wi, pi, flags
+_A_FLOATS = 27  # ls, ig, gamma, gscale, stored as float64 bits
+_A_SLOTS = 31  # number of scratch slots (3 * BLOCK elements each)
+_A_SIZE = 32
 
-    def entry(x, nx, y, ny, w, nw, p, n_p, go, ngo, lo, nlo, gr, ngr, part, npart, wext, nwext, pext, npext,
-              scratch, nscratch, ctr, nctr, ls, ig, gamma, gscale, wi, pi, flags):  # fmt: skip
+
+def _make_entry(work, is64):
+    """The C entry point ``entry(args)`` around ``work``: ``args`` points to the int64 argument block
+    (see ``_A_*``); arrays are made from its addresses with ``carray``. Every thread of a call runs
+    ``entry`` on the same block: it takes a scratch slot from the slot counter, then claims blocks."""
+    carray = _numba.carray
+    F = np.float64 if is64 else np.float32
+    i64 = np.int64
+
+    def entry(args):
+        a = carray(args, (_A_SIZE,), i64)
+        d = carray(args, (_A_SIZE,), np.float64)
+        slot = _fetch_add(carray(_voidptr(a[_A_CTR + 1]), (1,), i64), 1)
+        if slot >= a[_A_SLOTS]:  # more threads than scratch slots: this one has nothing to do
+            return
+        sz = 3 * BLOCK
+        scratch = carray(_voidptr(a[20]), (a[21],), F)[slot * sz : (slot + 1) * sz]
         # (The worker raises nothing; calling it this way lets LLVM drop the generic exception
         # handling of the C wrapper, which would tie the object code to numba's runtime.)
         _outlined(work, (
-            carray(x, (nx,)), carray(y, (ny,)), carray(w, (nw,)), carray(p, (n_p,)),
-            carray(go, (ngo,)), carray(lo, (nlo,)), carray(gr, (ngr,)),
-            carray(part, (3, npart // 3)), carray(wext, (nwext,)), carray(pext, (npext,)),
-            carray(scratch, (nscratch,)), carray(ctr, (nctr,)),
-            ls, ig, gamma, gscale, wi, pi, flags,
+            carray(_voidptr(a[0]), (a[1],), F), carray(_voidptr(a[2]), (a[3],), F),
+            carray(_voidptr(a[4]), (a[5],), F), carray(_voidptr(a[6]), (a[7],), F),
+            carray(_voidptr(a[8]), (a[9],), F), carray(_voidptr(a[10]), (a[11],), F),
+            carray(_voidptr(a[12]), (a[13],), F), carray(_voidptr(a[14]), (3, a[15] // 3), np.float64),
+            carray(_voidptr(a[16]), (a[17],), F), carray(_voidptr(a[18]), (a[19],), F),
+            scratch, carray(_voidptr(a[_A_CTR]), (1,), i64),
+            d[_A_FLOATS], d[_A_FLOATS + 1], d[_A_FLOATS + 2], d[_A_FLOATS + 3],
+            a[_A_INTS], a[_A_INTS + 1], a[_A_INTS + 2],
         ))  # fmt: skip
 
     return entry
@@ -669,6 +705,7 @@ def _make_entry(work):
 
 _INTRINSICS = (
     "_fma", "_k", "_cast", "_radd", "_is64", "_pow2", "_scale2", "_logsplit", "_fetch_add", "_outlined",
+    "_voidptr",
 )  # fmt: skip
 # LLVM alwaysinline:
 _INLINE = (
@@ -686,8 +723,8 @@ _ok: bool | None = None
 _lock = threading.RLock()
 _kernels: dict = {}  # (dtype char, mode, focal) -> callable C entry point
 _compiled: list = []  # numba cfunc objects whose code the entry points run (kept alive)
-# The C entry point's arguments: 12 arrays as (pointer, length), 4 doubles, 3 int64.
-_C_ARGS = (ctypes.c_void_p, ctypes.c_int64) * 12 + (ctypes.c_double,) * 4 + (ctypes.c_int64,) * 3
+# The C entry point's argument: the address of the argument block.
+_C_ARGS = (ctypes.c_void_p,)
 
 
 def _noalias_pipeline():
@@ -740,21 +777,18 @@ def _build() -> None:
         _built = True
 
 
-def _signature(is64):
-    """The numba signature of the C entry point (see :data:`_C_ARGS`)."""
+def _signature():
+    """The numba signature of the C entry point: ``void entry(void *args)``."""
     from numba import types
 
-    t = types.float64 if is64 else types.float32
-    ptrs = [t] * 7 + [types.float64] + [t] * 3 + [types.int64]
-    args = [a for p in ptrs for a in (types.CPointer(p), types.int64)]
-    return types.void(*args, *[types.float64] * 4, *[types.int64] * 3)
+    return types.void(types.voidptr)
 
 
 def _compile(is64, mode, focal, plain):
     """Compile one specialisation with numba; returns the ``numba.cfunc``."""
     _build()
     work = _numba.njit(pipeline_class=_pipeline, **_OPTS)(_make_worker(mode, focal, plain))
-    return _numba.cfunc(_signature(is64), **_OPTS)(_make_entry(work))
+    return _numba.cfunc(_signature(), **_OPTS)(_make_entry(work, is64))
 
 
 def _cache_key(name):
@@ -767,8 +801,8 @@ def _cache_key(name):
 
 
 def _kernel(dt, mode, focal, plain):
-    """The C entry point of a specialisation: loaded from the on-disk cache (no numba import), else
-    compiled with numba (first use on this machine) and stored there."""
+    """The C entry point of a specialisation, as (ctypes function, address): loaded from the on-disk cache
+    (no numba import), else compiled with numba (first use on this machine) and stored there."""
     spec = (dt.char, mode, focal, plain)
     fn = _kernels.get(spec)
     if fn is not None:
@@ -791,7 +825,7 @@ def _kernel(dt, mode, focal, plain):
             _compiled.append(cf)
             _objcache.store(k, cf)
             fn = ctypes.CFUNCTYPE(None, *_C_ARGS)(cf.address)
-        _kernels[spec] = fn
+        fn = _kernels[spec] = (fn, ctypes.cast(fn, ctypes.c_void_p).value)
     return fn
 
 
@@ -917,31 +951,71 @@ def _executor(workers):
     return _pool
 
 
-def _addr(a):
-    return a.__array_interface__["data"][0], a.size
+_gomp_state: dict = {}
+
+
+def _torch_openmp():
+    """``GOMP_parallel`` of the OpenMP runtime torch runs its operators on (the ``libgomp`` in torch's own
+    directory), or None (torch not imported, another parallel backend, not Linux)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch, "__file__"):
+        return None
+    pid = os.getpid()
+    if _gomp_state.get("pid") == pid:
+        return _gomp_state["fn"]
+    fn = None
+    try:
+        root = os.path.dirname(os.path.realpath(torch.__file__))
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line}
+        for path in sorted(paths):
+            if os.path.realpath(path).startswith(root + os.sep):
+                fn = ctypes.CDLL(path).GOMP_parallel
+                fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+                fn.restype = None
+                break
+    except (OSError, AttributeError, ValueError):
+        fn = None
+    _gomp_state.update(pid=pid, fn=fn)
+    return fn
 
 
 def _launch(mode, focal, plain, arrays, scalars, flags):
-    """Run the ``(mode, focal)`` worker on ``arrays = (x, y, w, p, go, lo, gr, wext, pext)`` on up to
-    :func:`_num_threads` threads (the calling thread and pool threads; the compiled code runs without the
-    GIL) and return the (loss sum, count, weight sum) of the block partials, summed in block order:
-    the same bits for any thread count and any split of the blocks between threads."""
+    """Run the ``(mode, focal, plain)`` worker on ``arrays = (x, y, w, p, go, lo, gr, wext, pext)`` on up to
+    :func:`_num_threads` threads and return the (loss sum, count, weight sum) of the block partials,
+    summed in block order: the same bits for any thread count and any split of the blocks between threads.
+
+    The threads: with torch imported, the OpenMP team torch itself uses for its operators (the worker is
+    handed to ``GOMP_parallel``): its threads are the ones still spinning after torch's previous operator,
+    so they start on our blocks at once instead of competing with us for the cores. Without torch, the
+    calling thread and a small pool of Python threads (the compiled code runs without the GIL)."""
     x = arrays[0]
-    fn = _kernel(x.dtype, mode, focal, plain)
+    fn, address = _kernel(x.dtype, mode, focal, plain)
     nb = (x.size + BLOCK - 1) // BLOCK
     part = np.zeros((3, nb))
-    ctr = np.zeros(1, np.int64)
     nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
-    scratch = np.empty((nthreads, 3 * BLOCK), x.dtype)  # per thread: weights, pos_weights, losses
-    head = [v for a in (*arrays[:7], part, *arrays[7:]) for v in _addr(a)]
-    tail = (*_addr(ctr), *scalars, flags)
+    ctr = np.zeros(2, np.int64)  # next block, next scratch slot
+    scratch = np.empty(nthreads * 3 * BLOCK, x.dtype)
+    args = np.zeros(_A_SIZE, np.int64)
+    for i, arr in enumerate((*arrays[:7], part, *arrays[7:], scratch)):
+        args[2 * i] = arr.__array_interface__["data"][0]
+        args[2 * i + 1] = arr.size
+    args[_A_CTR] = ctr.__array_interface__["data"][0]
+    args[_A_CTR + 1] = args[_A_CTR] + 8
+    args[_A_INTS : _A_INTS + 3] = (scalars[4], scalars[5], flags)
+    args.view(np.float64)[_A_FLOATS : _A_FLOATS + 4] = scalars[:4]
+    args[_A_SLOTS] = nthreads
+    ptr = args.__array_interface__["data"][0]
+    gomp = _torch_openmp() if nthreads > 1 else None
     if nthreads == 1:
-        fn(*head, *_addr(scratch[0]), *tail)
+        fn(ptr)
+    elif gomp is not None:
+        gomp(address, ptr, nthreads, 0)
     else:
         pool = _executor(nthreads - 1)
-        futures = [pool.submit(fn, *head, *_addr(scratch[t]), *tail) for t in range(1, nthreads)]
+        futures = [pool.submit(fn, ptr) for _ in range(1, nthreads)]
         try:
-            fn(*head, *_addr(scratch[0]), *tail)
+            fn(ptr)
         finally:
             for f in futures:
                 f.result()
