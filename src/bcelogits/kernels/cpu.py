@@ -25,9 +25,11 @@ partial sums, added in block order at the end, so results are bitwise identical 
 and any split of blocks between threads.
 
 Specialisations: dtype (float32/float64) x what is computed (loss only, loss + gradient, gradient from
-an upstream ``grad_out`` for reduction='none') x plain or focal, each a separate compiled function
-containing only its own loop. The loss-only one has no gradient in its loop (no division for sigmoid,
-no gradient stores) and gives the same element losses, bit for bit, as the loss + gradient one.
+an upstream ``grad_out`` for reduction='none') x plain or focal x which of weight, pos_weight, label
+smoothing and ignore_index the call has, each a separate compiled function containing only its own
+loop (compiled on first use: a program typically needs two or three). The loss-only one has no gradient
+in its loop (no division for sigmoid, no gradient stores) and gives the same element losses, bit for
+bit, as the loss + gradient one.
 
 Compilation and cache: importing this module imports neither numba nor llvmlite. A specialisation is
 compiled with numba on its first use on a machine (about a second) and its object code is stored by
@@ -457,11 +459,16 @@ def _core(x, y, w, p, k1, k0):
     e = h * h
     lp = _log1p01(e)
     small_e = (cs * h) * h
-    small = small_e if a > _k(x, SMALL_SIDE_LINEAR, SMALL_SIDE_LINEAR) else cs * lp
-    big = cb * zero if cb == zero else cb * (a + lp)
+    if w is None and p is None:
+        # Unweighted: cb + cs = 1 - ys + ys = 1, so the loss is cb a + log1p(e) (log1p(e) is accurate
+        # relative to itself down to denormal e, and cs <= 1 cannot lift a tail that underflows).
+        loss = (cb * zero if cb == zero else cb * a) + lp
+    else:
+        small = small_e if a > _k(x, SMALL_SIDE_LINEAR, SMALL_SIDE_LINEAR) else cs * lp
+        loss = (cb * zero if cb == zero else cb * (a + lp)) + small
     one_e = one + e
     g = (cb - small_e) / one_e
-    return big + small, (g if pos else -g), pos, a, e, lp, one_e, ys
+    return loss, (g if pos else -g), pos, a, e, lp, one_e, ys
 
 
 def _focal(x, y, w, p, k1, k0, gamma):
@@ -595,33 +602,38 @@ def _kept_sums(ys, wv, igT):
     for i in range(ys.size):
         ok = ys[i] != igT
         c = _radd(c, 1.0 if ok else 0.0)
-        ws = _radd(ws, np.float64(wv[i]) if ok else 0.0)
+        wt = 1.0 if wv is None else np.float64(wv[i])
+        ws = _radd(ws, wt if ok else 0.0)
     return c, ws
 
 
-def _make_worker(mode, focal, plain):
+def _make_worker(mode, focal, uses):
     """The worker of one specialisation. ``mode`` (0 loss, 1 loss and ``gscale * grad``, 2 ``go * grad``
-    only), ``focal`` and ``plain`` (no weight, pos_weight, smoothing nor ignore_index: those operations
-    are left out of the loop) are constants of the closure, so a specialisation contains only its own
-    loop.
+    only), ``focal`` and ``uses`` (which of weight ``w``, pos_weight ``p``, label smoothing ``s`` and
+    ignore_index ``i`` the call has; the others are left out of the loop) are constants of the closure,
+    so a specialisation contains only its own loop.
 
     Each thread of a call runs the worker: it claims ``_CHUNK`` blocks at a time from the shared counter
     ``ctr[0]`` until none are left, so a thread slowed down (by another process, or by torch's OpenMP
     threads still spinning after the previous operator) simply processes fewer blocks. ``part[:, b]``
     receives block ``b``'s (loss sum, count, weight sum), whichever thread computed it. ``flags``: 1 write
     ``lo``, 2 loss sum, 4 ignore active."""
+    has_w, has_p, has_ls, has_ig = ("w" in uses), ("p" in uses), ("s" in uses), ("i" in uses)
 
     def work(x, y, w, p, go, lo, gr, part, wext, pext, scratch, ctr, ls, ig, gamma, gscale, wi, pi, flags):
         n = x.size
         nb = (n + BLOCK - 1) // BLOCK
         one = _k(x[0], 1.0, 1.0)
         gsT = _cast(one, gscale)
-        if plain:
-            k1 = k0 = igT = None
-        else:
+        if has_ls:
             k1 = _cast(one, 1.0 - ls)  # ys = y * (1 - ls) + ls / 2, with the factors rounded to the dtype
             k0 = _cast(one, 0.5 * ls)
+        else:
+            k1 = k0 = None
+        if has_ig:
             igT = _cast(one, ig)
+        else:
+            igT = None
         if focal:
             gT = _cast(one, gamma)
         else:
@@ -635,11 +647,14 @@ def _make_worker(mode, focal, plain):
                 m = min(BLOCK, n - s)
                 xs = x[s : s + m]
                 ys = y[s : s + m]
-                if plain:
-                    wv = pv = None
-                else:
+                if has_w:
                     wv = _block_weights(w, wi, wext, scratch[:BLOCK], s, m)
+                else:
+                    wv = None
+                if has_p:
                     pv = _block_weights(p, pi, pext, scratch[BLOCK : 2 * BLOCK], s, m)
+                else:
+                    pv = None
                 lv = lo[s : s + m] if flags & 1 else scratch[2 * BLOCK : 2 * BLOCK + m]
                 if mode == 0:
                     _outlined(_loop_loss, (xs, ys, wv, pv, lv, k1, k0, igT, gT))
@@ -649,12 +664,11 @@ def _make_worker(mode, focal, plain):
                     _outlined(_loop_go, (xs, ys, wv, pv, go[s : s + m], gr[s : s + m], k1, k0, igT, gT))
                 if mode != 2 and flags & 2:
                     part[0, b] = _loss_sum(lv)
-                if plain:
-                    pass
-                elif mode != 2 and flags & 4:
-                    part[1, b], part[2, b] = _kept_sums(ys, wv, igT)
+                if has_ig:
+                    if mode != 2 and flags & 4:
+                        part[1, b], part[2, b] = _kept_sums(ys, wv, igT)
 
-    work.__name__ = work.__qualname__ = f"_work_{mode}{'f' if focal else ''}{'p' if plain else ''}"
+    work.__name__ = work.__qualname__ = f"_work_{mode}{'f' if focal else ''}_{uses}"
     return work
 
 
@@ -784,10 +798,10 @@ def _signature():
     return types.void(types.voidptr)
 
 
-def _compile(is64, mode, focal, plain):
+def _compile(is64, mode, focal, uses):
     """Compile one specialisation with numba; returns the ``numba.cfunc``."""
     _build()
-    work = _numba.njit(pipeline_class=_pipeline, **_OPTS)(_make_worker(mode, focal, plain))
+    work = _numba.njit(pipeline_class=_pipeline, **_OPTS)(_make_worker(mode, focal, uses))
     return _numba.cfunc(_signature(), **_OPTS)(_make_entry(work, is64))
 
 
@@ -800,10 +814,10 @@ def _cache_key(name):
     return _objcache.key(src, name, repr((SMALL_SIDE_LINEAR, BLOCK, _CHUNK)))
 
 
-def _kernel(dt, mode, focal, plain):
+def _kernel(dt, mode, focal, uses):
     """The C entry point of a specialisation, as (ctypes function, address): loaded from the on-disk cache
     (no numba import), else compiled with numba (first use on this machine) and stored there."""
-    spec = (dt.char, mode, focal, plain)
+    spec = (dt.char, mode, focal, uses)
     fn = _kernels.get(spec)
     if fn is not None:
         return fn
@@ -814,12 +828,12 @@ def _kernel(dt, mode, focal, plain):
         from . import KernelBuildError, _objcache
 
         is64 = dt == np.float64
-        name = f"work_{'f8' if is64 else 'f4'}_{mode}{'_focal' if focal else ''}{'_plain' if plain else ''}"
+        name = f"work_{'f8' if is64 else 'f4'}_{mode}{'_focal' if focal else ''}_{uses}"
         k = _cache_key(name)
         fn = _objcache.load(k, None, _C_ARGS)
         if fn is None:
             try:
-                cf = _compile(is64, mode, focal, plain)
+                cf = _compile(is64, mode, focal, uses)
             except Exception as exc:
                 raise KernelBuildError(f"{type(exc).__name__}: {exc}") from exc
             _compiled.append(cf)
@@ -980,8 +994,8 @@ def _torch_openmp():
     return fn
 
 
-def _launch(mode, focal, plain, arrays, scalars, flags):
-    """Run the ``(mode, focal, plain)`` worker on ``arrays = (x, y, w, p, go, lo, gr, wext, pext)`` on up to
+def _launch(mode, focal, uses, arrays, scalars, flags):
+    """Run the ``(mode, focal, uses)`` worker on ``arrays = (x, y, w, p, go, lo, gr, wext, pext)`` on up to
     :func:`_num_threads` threads and return the (loss sum, count, weight sum) of the block partials,
     summed in block order: the same bits for any thread count and any split of the blocks between threads.
 
@@ -990,7 +1004,7 @@ def _launch(mode, focal, plain, arrays, scalars, flags):
     so they start on our blocks at once instead of competing with us for the cores. Without torch, the
     calling thread and a small pool of Python threads (the compiled code runs without the GIL)."""
     x = arrays[0]
-    fn, address = _kernel(x.dtype, mode, focal, plain)
+    fn, address = _kernel(x.dtype, mode, focal, uses)
     nb = (x.size + BLOCK - 1) // BLOCK
     part = np.zeros((3, nb))
     nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
@@ -1034,17 +1048,20 @@ def _ext(src, inner, n):
     return np.tile(np.repeat(src, inner) if inner > 1 else src, -(-need // period))[:need]
 
 
-def _launch_run(x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags, plain):
-    """The worker over all blocks. ``gamma == 0`` selects a non-focal specialisation, ``plain`` (no
-    weight, pos_weight, smoothing nor ignore_index) one without those operations."""
+def _launch_run(x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags, uses):
+    """The worker over all blocks. ``gamma == 0`` selects a non-focal specialisation, ``uses`` (see
+    :func:`_uses`) one with only the operations the call needs."""
     n = x.size
     arrays = (x, y, w, p, go, lo, gr, _ext(w, w_inner, n), _ext(p, p_inner, n))
     scalars = (float(ls), float(ig), float(gamma), float(gscale), int(w_inner), int(p_inner))
-    return _launch(mode, gamma != 0.0, plain, arrays, scalars, flags)
+    return _launch(mode, gamma != 0.0, uses, arrays, scalars, flags)
 
 
-def _plain(w, p, label_smoothing, ignore_index):
-    return w is None and p is None and label_smoothing == 0.0 and ignore_index is None
+def _uses(w, p, label_smoothing, ignore_index):
+    """Which optional operations a call needs: ``w`` weight, ``p`` pos_weight, ``s`` label smoothing,
+    ``i`` ignore_index ("" for the plain loss)."""
+    on = (w is not None, p is not None, label_smoothing != 0.0, ignore_index is not None)
+    return "".join(c for c, used in zip("wpsi", on) if used)
 
 
 def _weight_sum_all(w, w_inner, n):
@@ -1104,7 +1121,7 @@ def forward(
     total, count, wsum = _launch_run(
         x, y, wv, pv, empty, empty if loss_out is None else loss_out, empty if grad_out is None else grad_out,
         label_smoothing, ig, focal_gamma, grad_scale,
-        wi, pi, 0 if grad_out is None else 1, flags, _plain(w, p, label_smoothing, ignore_index),
+        wi, pi, 0 if grad_out is None else 1, flags, _uses(w, p, label_smoothing, ignore_index),
     )  # fmt: skip
     if ignore_index is None:
         count = n
@@ -1130,6 +1147,6 @@ def backward_none(
     _launch_run(
         x, y, wv, pv, go, empty, grad_out,
         label_smoothing, math.nan if ignore_index is None else ignore_index, focal_gamma, 1.0,
-        wi, pi, 2, 0, _plain(w, p, label_smoothing, ignore_index),
+        wi, pi, 2, 0, _uses(w, p, label_smoothing, ignore_index),
     )  # fmt: skip
     return None
