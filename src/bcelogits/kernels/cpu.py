@@ -929,7 +929,17 @@ _pool_key = (0, 0)
 
 
 def _cpu_cap() -> int:
-    """``NUMBA_NUM_THREADS`` if set, else the CPUs this process may run on."""
+    """``NUMBA_NUM_THREADS`` if set, else the CPUs this process may run on (read once per process)."""
+    pid = os.getpid()
+    if _cap_state.get("pid") != pid:
+        _cap_state.update(pid=pid, cap=_read_cpu_cap())
+    return _cap_state["cap"]
+
+
+_cap_state: dict = {}
+
+
+def _read_cpu_cap() -> int:
     env = os.environ.get("NUMBA_NUM_THREADS", "")
     if env.strip().isdigit() and int(env) > 0:
         return int(env)
@@ -1010,16 +1020,14 @@ def _launch(mode, focal, uses, arrays, scalars, flags):
     nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
     ctr = np.zeros(2, np.int64)  # next block, next scratch slot
     scratch = np.empty(nthreads * 3 * BLOCK, x.dtype)
-    args = np.zeros(_A_SIZE, np.int64)
-    for i, arr in enumerate((*arrays[:7], part, *arrays[7:], scratch)):
-        args[2 * i] = arr.__array_interface__["data"][0]
-        args[2 * i + 1] = arr.size
-    args[_A_CTR] = ctr.__array_interface__["data"][0]
-    args[_A_CTR + 1] = args[_A_CTR] + 8
-    args[_A_INTS : _A_INTS + 3] = (scalars[4], scalars[5], flags)
+    block = []
+    for arr in (*arrays[:7], part, *arrays[7:], scratch):
+        block += (arr.ctypes.data, arr.size)
+    c = ctr.ctypes.data
+    block += (c, c + 8, scalars[4], scalars[5], flags, 0, 0, 0, 0, nthreads)
+    args = np.array(block, np.int64)
     args.view(np.float64)[_A_FLOATS : _A_FLOATS + 4] = scalars[:4]
-    args[_A_SLOTS] = nthreads
-    ptr = args.__array_interface__["data"][0]
+    ptr = args.ctypes.data
     gomp = _torch_openmp() if nthreads > 1 else None
     if nthreads == 1:
         fn(ptr)
@@ -1052,7 +1060,11 @@ def _launch_run(x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner,
     """The worker over all blocks. ``gamma == 0`` selects a non-focal specialisation, ``uses`` (see
     :func:`_uses`) one with only the operations the call needs."""
     n = x.size
-    arrays = (x, y, w, p, go, lo, gr, _ext(w, w_inner, n), _ext(p, p_inner, n))
+    none = _consts(x.dtype)[1]
+    arrays = (
+        x, y, w, p, go, lo, gr,
+        _ext(w, w_inner, n) if "w" in uses else none, _ext(p, p_inner, n) if "p" in uses else none,
+    )  # fmt: skip
     scalars = (float(ls), float(ig), float(gamma), float(gscale), int(w_inner), int(p_inner))
     return _launch(mode, gamma != 0.0, uses, arrays, scalars, flags)
 
