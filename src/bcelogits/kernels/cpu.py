@@ -862,6 +862,7 @@ def available() -> bool:
 
 # ---- argument handling --------------------------------------------------------------------------
 _CONSTS: dict = {}
+_CONST_ADDRESSES: dict = {}
 
 
 def _ro(a):
@@ -872,10 +873,11 @@ def _ro(a):
 
 
 def _consts(dt):
-    """(ones(1) read-only, empty read-only, empty writable) of dtype ``dt``."""
+    """(ones(1) read-only, empty read-only, empty writable) of dtype ``dt`` (kept for the process)."""
     c = _CONSTS.get(dt)
     if c is None:
         c = _CONSTS[dt] = (_ro(np.ones(1, dt)), _ro(np.empty(0, dt)), np.empty(0, dt))
+        _CONST_ADDRESSES.update((id(a), a.ctypes.data) for a in c)
     return c
 
 
@@ -978,6 +980,12 @@ def _executor(workers):
 _gomp_state: dict = {}
 
 
+def _address(arr):
+    """The data address of ``arr`` (remembered for the constant arrays of :func:`_consts`)."""
+    a = _CONST_ADDRESSES.get(id(arr))
+    return arr.ctypes.data if a is None else a
+
+
 def _torch_openmp():
     """``GOMP_parallel`` of the OpenMP runtime torch runs its operators on (the ``libgomp`` in torch's own
     directory), or None (torch not imported, another parallel backend, not Linux)."""
@@ -1016,18 +1024,26 @@ def _launch(mode, focal, uses, arrays, scalars, flags):
     x = arrays[0]
     fn, address = _kernel(x.dtype, mode, focal, uses)
     nb = (x.size + BLOCK - 1) // BLOCK
-    part = np.zeros((3, nb))
     nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
-    ctr = np.zeros(2, np.int64)  # next block, next scratch slot
-    scratch = np.empty(nthreads * 3 * BLOCK, x.dtype)
+    # One buffer per call (one allocation, one address to look up): the argument block (_A_SIZE int64),
+    # the two counters, the block partials (3 x nb float64), then the threads' scratch slots.
+    nscratch = nthreads * 3 * BLOCK
+    buf = np.empty(_A_SIZE + 2 + 3 * nb + (nscratch * x.itemsize + 7) // 8, np.int64)
+    base = buf.ctypes.data
+    buf[_A_SIZE : _A_SIZE + 2 + 3 * nb] = 0
+    part = buf[_A_SIZE + 2 : _A_SIZE + 2 + 3 * nb].view(np.float64).reshape(3, nb)
     block = []
-    for arr in (*arrays[:7], part, *arrays[7:], scratch):
-        block += (arr.ctypes.data, arr.size)
-    c = ctr.ctypes.data
-    block += (c, c + 8, scalars[4], scalars[5], flags, 0, 0, 0, 0, nthreads)
-    args = np.array(block, np.int64)
-    args.view(np.float64)[_A_FLOATS : _A_FLOATS + 4] = scalars[:4]
-    ptr = args.ctypes.data
+    for arr in arrays[:7]:
+        block += (_address(arr), arr.size)
+    block += (base + 8 * (_A_SIZE + 2), 3 * nb)
+    for arr in arrays[7:]:
+        block += (_address(arr), arr.size)
+    block += (base + 8 * (_A_SIZE + 2 + 3 * nb), nscratch)
+    ctr = base + 8 * _A_SIZE
+    block += (ctr, ctr + 8, scalars[4], scalars[5], flags, 0, 0, 0, 0, nthreads)
+    buf[:_A_SIZE] = block
+    buf[:_A_SIZE].view(np.float64)[_A_FLOATS : _A_FLOATS + 4] = scalars[:4]
+    ptr = base
     gomp = _torch_openmp() if nthreads > 1 else None
     if nthreads == 1:
         fn(ptr)
