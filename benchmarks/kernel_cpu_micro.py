@@ -9,7 +9,7 @@ threads) shows whether the threads really ran in parallel (about 2x the wall tim
 the machine was busy. torch runs
 ``F.binary_cross_entropy_with_logits`` (mean) forward under ``torch.no_grad()``, and forward + backward.
 ``--compile --no-scipy`` hides scipy from the child processes (as in a fresh venv without it: numba
-imports scipy.linalg, when present, on its first compile or cache load).
+imports scipy.linalg, when present, on its first compile).
 """
 
 from __future__ import annotations
@@ -100,39 +100,41 @@ if {no_scipy}:
     sys.modules["scipy"] = None  # import scipy -> ImportError, as if it were not installed
 t0 = time.perf_counter(); c0 = time.process_time()
 import numpy as np
-import numba
-t1 = time.perf_counter(); c1 = time.process_time()
 from bcelogits.kernels import cpu
 ok = cpu.available()
+t1 = time.perf_counter(); c1 = time.process_time()
+x = np.ones(5, np.float32); cpu.forward(x, x, None, 1, None, 1, grad_out=np.empty_like(x))
 t2 = time.perf_counter(); c2 = time.process_time()
-x = np.ones(5, np.float32); cpu.forward(x, x, None, 1, None, 1)
+cpu.forward(x, x, None, 1, None, 1)
 t3 = time.perf_counter(); c3 = time.process_time()
 x = np.ones(5); cpu.forward(x, x, None, 1, None, 1, grad_out=np.empty(5))
 t4 = time.perf_counter(); c4 = time.process_time()
-print(json.dumps({{"ok": ok, "import_numba": [t1 - t0, c1 - c0], "float32": [t2 - t1, c2 - c1],
+print(json.dumps({{"ok": ok, "import": [t1 - t0, c1 - c0], "float32": [t2 - t1, c2 - c1],
                   "loss_only": [t3 - t2, c3 - c2], "float64": [t4 - t3, c4 - c3],
-                  "scipy": bool(sys.modules.get("scipy"))}}))
+                  "numba": "numba" in sys.modules, "scipy": bool(sys.modules.get("scipy"))}}))
 """
 
 
 def compile_times(no_scipy=False):
-    """First calls in a fresh process (empty numba cache), then in a second process (cache hit):
-    import numba; available() (float32 loss + gradient); first float32 loss-only call; first float64
+    """First calls in a fresh process with an empty kernel cache (numba compiles), then in a second
+    process (the object code is loaded from the cache, numba is not imported): import numpy and the
+    kernel module; first float32 loss + gradient call; first float32 loss-only call; first float64
     loss + gradient call."""
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        env = dict(os.environ, BCELOGITS_CACHE_DIR=cache)
         code = _CHILD.format(no_scipy=bool(no_scipy))
-        for label in ("fresh cache", "cached"):
+        for label in ("empty cache", "cached"):
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError(r.stderr)
             d = json.loads(r.stdout.strip().splitlines()[-1])
-            imp, f32, lo, f64 = d["import_numba"], d["float32"], d["loss_only"], d["float64"]
+            imp, f32, lo, f64 = d["import"], d["float32"], d["loss_only"], d["float64"]
             print(
-                f"{label:12s} import numpy+numba {imp[0]:.2f}s wall / {imp[1]:.2f}s cpu;"
-                f" available() (float32) {f32[0]:.2f}s / {f32[1]:.2f}s;"
+                f"{label:12s} import numpy+kernels {imp[0]:.2f}s wall / {imp[1]:.2f}s cpu;"
+                f" first float32 loss+grad {f32[0]:.2f}s / {f32[1]:.2f}s;"
                 f" first float32 loss-only {lo[0]:.2f}s / {lo[1]:.2f}s;"
-                f" first float64 {f64[0]:.2f}s / {f64[1]:.2f}s; scipy imported: {d['scipy']}"
+                f" first float64 {f64[0]:.2f}s / {f64[1]:.2f}s; numba imported: {d['numba']};"
+                f" scipy imported: {d['scipy']}"
             )
 
 
