@@ -291,6 +291,30 @@ def test_kernel_build_failure_falls_back_once(monkeypatch, reduction):
 
 
 @needs_cpu
+def test_broken_numba_at_compile_time_falls_back(monkeypatch):
+    """Nothing cached and numba unusable when a specialisation must be compiled (a broken install raising
+    ImportError): KernelBuildError, one PerformanceWarning, the plain path's results."""
+    from bcelogits.kernels import _objcache
+
+    def no_numba(*args):
+        raise ImportError("numba is broken here")
+
+    monkeypatch.setattr(cpu, "_kernels", {})
+    monkeypatch.setattr(_objcache, "load", lambda *a: None)
+    monkeypatch.setattr(cpu, "_compile", no_numba)
+    monkeypatch.setattr(kernels, "_failed", set())
+    x, y = torch.randn(5000), torch.rand(5000)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        loss = BCE(x, y)
+        BCE(x, y)
+    perf = [r for r in rec if issubclass(r.category, bcelogits.PerformanceWarning)]
+    assert len(perf) == 1 and "numba is broken here" in str(perf[0].message)
+    with kernels.use("plain"):
+        torch.testing.assert_close(loss, BCE(x, y), rtol=0, atol=0)
+
+
+@needs_cpu
 def test_kernel_bugs_are_not_swallowed(monkeypatch):
     def buggy(*args, **kwargs):
         raise IndexError("a bug, not a build failure")
