@@ -106,6 +106,9 @@ _LOG64 = (
     0.041700500513788714,
     0.08509288835457396,
 )
+# The same in w = (2s)^2: R_j = Q_j / 4^(j+1) (exact scalings).
+_LOG32T = tuple(c * 0.25 ** (j + 1) for j, c in enumerate(_LOG32))
+_LOG64T = tuple(c * 0.25 ** (j + 1) for j, c in enumerate(_LOG64))
 # ln 2 split as hi + lo for each dtype (Cody-Waite reduction with fma).
 _LN2_HI32, _LN2_LO32 = 0.6931471824645996, -1.9046542121259336e-09
 _LN2_HI64, _LN2_LO64 = 0.6931471805599453, 2.3190468138462996e-17
@@ -374,17 +377,19 @@ def _log1p01(e):
 
 
 def _atanh2(t):
-    """``2 atanh(t/2) = log((2 + t) / (2 - t))`` for ``t*t <= 4/9``: ``t + t z Q(z)``, ``z = t^2 / 4``."""
-    z = (t * t) * _k(t, 0.25, 0.25)
+    """``2 atanh(t/2) = log((2 + t) / (2 - t))`` for ``t*t <= 4/9``: ``t + t w R(w)``, ``w = t^2``, where
+    ``R(w) = Q(w/4)/4`` (:data:`_LOG32T` / :data:`_LOG64T`: coefficients scaled by powers of 1/4, exact).
+    Taking ``t = 2s`` instead of ``s`` saves a multiply per element."""
+    w = t * t
     if _is64(t):
-        q = _k(t, 0.0, _LOG64[-1])
-        for c in _LOG64[-2::-1]:
-            q = _fma(q, z, _cast(t, c))
+        q = _k(t, 0.0, _LOG64T[-1])
+        for c in _LOG64T[-2::-1]:
+            q = _fma(q, w, _cast(t, c))
     else:
-        q = _k(t, _LOG32[-1], 0.0)
-        for c in _LOG32[-2::-1]:
-            q = _fma(q, z, _cast(t, c))
-    return _fma(t * z, q, t)
+        q = _k(t, _LOG32T[-1], 0.0)
+        for c in _LOG32T[-2::-1]:
+            q = _fma(q, w, _cast(t, c))
+    return _fma(t * w, q, t)
 
 
 def _exp_any(t, tlo):
