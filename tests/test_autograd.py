@@ -213,6 +213,34 @@ def test_no_grad_and_detached(backend):
     assert not bce(x.detach(), y).requires_grad
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_evaluation_skips_autograd_but_not_its_semantics(backend, reduction):
+    """Calls with nothing to differentiate bypass the autograd Function: the same values bit for bit; a
+    target that requires grad keeps the result differentiable, and forward-mode AD under no_grad (which
+    needs no grad mode) still gives torch's tangents."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen) * 4
+    y = torch.rand(6, 5, generator=gen)
+    w = torch.rand(5, generator=gen) + 0.5
+    trained = bce(x.clone().requires_grad_(True), y, w, reduction=reduction)
+    assert trained.requires_grad
+    with torch.no_grad():
+        evaluated = bce(x, y, w, reduction=reduction)
+    assert not evaluated.requires_grad and evaluated.grad_fn is None
+    torch.testing.assert_close(evaluated, trained.detach(), rtol=0, atol=0)
+    # Only the target requires grad: still differentiable.
+    assert bce(x, y.clone().requires_grad_(True), w, reduction=reduction).requires_grad
+    # Forward-mode AD does not need grad mode: tangents flow under no_grad.
+    tx = torch.randn(6, 5, generator=gen)
+    with torch.no_grad(), fwAD.dual_level():
+        ours = fwAD.unpack_dual(bce(fwAD.make_dual(x, tx), y, w, reduction=reduction)).tangent
+        ref = fwAD.unpack_dual(
+            F.binary_cross_entropy_with_logits(fwAD.make_dual(x, tx), y, w, reduction=reduction)
+        ).tangent
+    assert ours is not None
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_retain_graph_backward_twice(backend):
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     y = torch.rand(5, 4, dtype=torch.float64)

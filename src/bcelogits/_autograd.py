@@ -127,14 +127,28 @@ def _take_fused_grad(ctx, call, go):
     return grad.mul_(factor)
 
 
+def _needs_autograd(call, grad_enabled: bool) -> bool:
+    """Does the loss need the autograd Function: the input or target requires grad (with grad mode on;
+    weights that require grad are rejected in _args), or forward-mode AD is in use (a ``dual_level`` is
+    open: tangents exist only inside one)?"""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return grad_enabled and (call.input.requires_grad or call.target.requires_grad)
+
+
 def apply(call):
     if torch.compiler.is_compiling():
         return _apply_op(call)
     x = call.input
-    fuse = torch.is_grad_enabled() and x.requires_grad and call.reduction != "none"
+    grad_enabled = torch.is_grad_enabled()
+    fuse = grad_enabled and x.requires_grad and call.reduction != "none"
     args = (x, call.target, call.weight, call.pos_weight, call, fuse)
     if torch._C._are_functorch_transforms_active():
         loss, _, _ = BCEWithLogitsFunction.apply(*args)
+    elif not _needs_autograd(call, grad_enabled):
+        # Evaluation (torch.no_grad(), or nothing requires grad): the same kernel call without the
+        # Function's bookkeeping, about 40 us less per call.
+        loss = kernels.forward(call).loss
     else:
         # What Function.apply does when no torch.func transform is active, minus its per-call
         # inspect.signature binding of default arguments (~50 us; we pass every argument).

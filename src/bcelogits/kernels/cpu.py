@@ -1024,6 +1024,25 @@ def _torch_openmp():
     return fn
 
 
+_local = threading.local()
+#: Largest call buffer (int64 words) a thread keeps for its next calls: 4 MiB.
+_KEEP_WORDS = 1 << 19
+
+
+def _buffer(words):
+    """``(array, address)``: an int64 buffer of at least ``words`` words for one call. The calling thread
+    keeps its last one (up to :data:`_KEEP_WORDS`) with its address: on small inputs, allocating it and
+    looking its address up cost about as much as the kernel itself."""
+    kept = getattr(_local, "buf", None)
+    if kept is not None and kept[0].size >= words:
+        return kept
+    buf = np.empty(max(words, 1 << 14), np.int64)
+    kept = (buf, buf.ctypes.data)
+    if buf.size <= _KEEP_WORDS:
+        _local.buf = kept
+    return kept
+
+
 def _launch(mode, focal, uses, arrays, scalars, flags):
     """Run the ``(mode, focal, uses)`` worker on ``arrays = (x, y, w, p, go, lo, gr, wext, pext)`` on up to
     :func:`_num_threads` threads and return the (loss sum, count, weight sum) of the block partials,
@@ -1040,8 +1059,7 @@ def _launch(mode, focal, uses, arrays, scalars, flags):
     # One buffer per call (one allocation, one address to look up): the argument block (_A_SIZE int64),
     # the two counters, the block partials (3 x nb float64), then the threads' scratch slots.
     nscratch = nthreads * _slot_bytes(x.dtype == np.float64)
-    buf = np.empty(_A_SIZE + 2 + 3 * nb + nscratch // 8, np.int64)
-    base = buf.ctypes.data
+    buf, base = _buffer(_A_SIZE + 2 + 3 * nb + nscratch // 8)
     buf[_A_SIZE : _A_SIZE + 2 + 3 * nb] = 0
     part = buf[_A_SIZE + 2 : _A_SIZE + 2 + 3 * nb].view(np.float64).reshape(3, nb)
     block = []
@@ -1069,6 +1087,9 @@ def _launch(mode, focal, uses, arrays, scalars, flags):
         finally:
             for f in futures:
                 f.result()
+    if nb == 1:  # (what the sum below gives: 0.0 + the value, and no block sum is -0.0)
+        total, count, wsum = part[:, 0].tolist()
+        return total, count, wsum
     total, count, wsum = part.sum(axis=1)  # pairwise over blocks: independent of the thread count
     return float(total), float(count), float(wsum)
 
