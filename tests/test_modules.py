@@ -284,6 +284,25 @@ def test_module_in_train_and_eval_mode_same(backend):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "grad"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_jit_trace_replays_like_torch(backend, reduction, grad_mode):
+    """A traced module gives what eager gives on new inputs (values and gradients), as a traced
+    torch.nn.BCEWithLogitsLoss does: while tracing, the loss is computed with torch operators."""
+    w, p = torch.rand(4) + 0.5, torch.rand(4) * 3
+    x, y = _data()
+    for module in _pair(weight=w, pos_weight=p, reduction=reduction):
+        with torch.no_grad() if grad_mode == "no_grad" else torch.enable_grad():
+            traced = torch.jit.trace(module, (x.clone().requires_grad_(grad_mode == "grad"), y))
+        x2, y2 = _data(seed=1)
+        a, b = x2.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        out_traced, out_eager = traced(a, y2), module(b, y2)
+        torch.testing.assert_close(out_traced, out_eager, rtol=1e-6, atol=1e-7)
+        out_traced.sum().backward()
+        out_eager.sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_module_float64_weights_with_float32_data_like_torch(backend):
     w = torch.rand(4, dtype=torch.float64)
     ours, theirs = _pair(weight=w, pos_weight=w * 2)

@@ -149,6 +149,11 @@ def apply(call):
         # Evaluation (torch.no_grad(), or nothing requires grad): the same kernel call without the
         # Function's bookkeeping, about 40 us less per call.
         loss = kernels.forward(call).loss
+    elif torch.jit.is_tracing():
+        # torch.jit.trace: the plain formulas in torch operators (kernels.choose picks no kernel while
+        # tracing), which the tracer records and autograd differentiates; a Function would be recorded
+        # as an opaque Python call that the traced graph cannot replay.
+        loss = kernels.forward(call).loss
     else:
         # What Function.apply does when no torch.func transform is active, minus its per-call
         # inspect.signature binding of default arguments (~50 us; we pass every argument).

@@ -168,6 +168,8 @@ def _choose(call):
             return _cpu_module() if backend in ("auto", "cpu") else None
         return None
     torch = call.xp
+    if torch.jit.is_tracing():  # torch.jit.trace records torch operators; a kernel call is not one
+        return None
     if not (plain_tensor(x, torch) and plain_tensor(y, torch)):
         return None
     if not (x.is_contiguous() and y.is_contiguous()):
