@@ -748,6 +748,9 @@ _OUTLINED = ("_loop_loss", "_loop_grad", "_loop_go", "_loop_h")
 #: Blocks a thread claims at a time.
 _CHUNK = 2
 _OPTS = {"error_model": "numpy"}
+# The numba functions are only ever called from other compiled code: without the CPython and C wrappers
+# numba would build for each of them, the first compile takes about 0.4 s less (2.1 -> 1.7 s).
+_NO_WRAPPERS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 _built = False
 _numba = None
 _pipeline = None
@@ -801,10 +804,10 @@ def _build() -> None:
         for name in _INTRINSICS:
             g[name] = intrinsic(g["_i" + name])
         for name in _INLINE:
-            g[name] = numba.njit(forceinline=True, **_OPTS)(g[name])
+            g[name] = numba.njit(forceinline=True, **_NO_WRAPPERS, **_OPTS)(g[name])
         _pipeline = _noalias_pipeline()
         for name in _OUTLINED:
-            g[name] = numba.njit(pipeline_class=_pipeline, **_OPTS)(g[name])
+            g[name] = numba.njit(pipeline_class=_pipeline, **_NO_WRAPPERS, **_OPTS)(g[name])
         _numba = numba
         _built = True
 
@@ -819,7 +822,7 @@ def _signature():
 def _compile(is64, mode, focal, uses):
     """Compile one specialisation with numba; returns the ``numba.cfunc``."""
     _build()
-    work = _numba.njit(pipeline_class=_pipeline, **_OPTS)(_make_worker(mode, focal, uses))
+    work = _numba.njit(pipeline_class=_pipeline, **_NO_WRAPPERS, **_OPTS)(_make_worker(mode, focal, uses))
     return _numba.cfunc(_signature(), **_OPTS)(_make_entry(work, is64))
 
 
