@@ -372,7 +372,7 @@ def _log1p01(e):
     cancellation; ``2e`` is exact, so a denormal ``e`` comes out exactly, where ``e / 2`` would round).
     In float32 this measured faster than a division-free degree-8 polynomial in ``e`` once the
     exponential moved to a pass of its own (0.88 against 0.96 ns per element and core, loss only): the
-    division runs on its own unit, and the polynomial in ``z`` is half as long."""
+    division runs on its own unit, and the polynomial in ``w`` is half as long."""
     return _atanh2((e + e) / (_k(e, 2.0, 2.0) + e))
 
 
@@ -1059,8 +1059,8 @@ def _launch(mode, focal, uses, arrays, scalars, flags):
     fn, address = _kernel(x.dtype, mode, focal, uses)
     nb = (x.size + BLOCK - 1) // BLOCK
     nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
-    # One buffer per call (one allocation, one address to look up): the argument block (_A_SIZE int64),
-    # the two counters, the block partials (3 x nb float64), then the threads' scratch slots.
+    # One buffer per call (the calling thread's kept one, see _buffer): the argument block (_A_SIZE
+    # int64), the two counters, the block partials (3 x nb float64), then the threads' scratch slots.
     nscratch = nthreads * _slot_bytes(x.dtype == np.float64)
     buf, base = _buffer(_A_SIZE + 2 + 3 * nb + nscratch // 8)
     buf[_A_SIZE : _A_SIZE + 2 + 3 * nb] = 0
