@@ -131,7 +131,7 @@ def _needs_autograd(call, grad_enabled: bool) -> bool:
     """Does the loss need the autograd Function: the input or target requires grad (with grad mode on;
     weights that require grad are rejected in _args), or forward-mode AD is in use (a ``dual_level`` is
     open: tangents exist only inside one)?"""
-    if torch.autograd.forward_ad._current_level >= 0:
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:  # (private; if gone: assume so)
         return True
     return grad_enabled and (call.input.requires_grad or call.target.requires_grad)
 
@@ -145,14 +145,11 @@ def apply(call):
     args = (x, call.target, call.weight, call.pos_weight, call, fuse)
     if torch._C._are_functorch_transforms_active():
         loss, _, _ = BCEWithLogitsFunction.apply(*args)
-    elif not _needs_autograd(call, grad_enabled):
+    elif not _needs_autograd(call, grad_enabled) or torch.jit.is_tracing():
         # Evaluation (torch.no_grad(), or nothing requires grad): the same kernel call without the
-        # Function's bookkeeping, about 40 us less per call.
-        loss = kernels.forward(call).loss
-    elif torch.jit.is_tracing():
-        # torch.jit.trace: the plain formulas in torch operators (kernels.choose picks no kernel while
-        # tracing), which the tracer records and autograd differentiates; a Function would be recorded
-        # as an opaque Python call that the traced graph cannot replay.
+        # Function's bookkeeping, about 40 us less per call. torch.jit.trace: kernels.choose picks the
+        # plain formulas in torch operators, which the tracer records and autograd differentiates (a
+        # Function would be recorded as an opaque Python call that the traced graph cannot replay).
         loss = kernels.forward(call).loss
     else:
         # What Function.apply does when no torch.func transform is active, minus its per-call
