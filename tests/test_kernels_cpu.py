@@ -443,3 +443,43 @@ def test_argument_errors():
         cpu.forward(big[:10], x, None, 1, None, 1, grad_out=big[5:15])  # partial overlap
     with pytest.raises(ValueError):
         cpu.forward(x, x.copy(), np.zeros(0, np.float32), 1, None, 1)
+
+
+def test_torch_tensors_are_read_through_their_data_pointers():
+    """CPU tensors go to the kernel as they are (any shape, read flat): the same bits as their NumPy views;
+    a tensor the kernel cannot read flat is refused with the argument's name."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    for dt in (np.float32, np.float64):
+        x, y = make(3 * 4097, dt, rng)
+        xt, yt = torch.from_numpy(x).reshape(3, 4097), torch.from_numpy(y).reshape(3, 4097)
+        w = rng.random(4097).astype(dt)
+        g_np, g_t = np.empty_like(x), torch.empty(3, 4097, dtype=xt.dtype)
+        lo_np, lo_t = np.empty_like(x), torch.empty(3, 4097, dtype=xt.dtype)
+        kw = dict(label_smoothing=0.1)
+        want = cpu.forward(x, y, w, 1, None, 1, loss_out=lo_np, grad_out=g_np, **kw)
+        got = cpu.forward(xt, yt, w, 1, None, 1, loss_out=lo_t, grad_out=g_t, **kw)
+        assert got == want
+        np.testing.assert_array_equal(g_t.numpy().reshape(-1), g_np)
+        np.testing.assert_array_equal(lo_t.numpy().reshape(-1), lo_np)
+        go = torch.from_numpy(rng.normal(size=x.size).astype(dt))
+        gb_np, gb_t = np.empty_like(x), torch.empty_like(xt)
+        cpu.backward_none(x, y, w, 1, None, 1, go.numpy(), gb_np)
+        cpu.backward_none(xt, yt, w, 1, None, 1, go, gb_t)
+        np.testing.assert_array_equal(gb_t.numpy().reshape(-1), gb_np)
+        g_plain = np.empty_like(x)
+        cpu.forward(x, y, None, 1, None, 1, grad_out=g_plain)
+        cpu.forward(xt, yt, None, 1, None, 1, grad_out=xt)  # in place, as with arrays
+        np.testing.assert_array_equal(x, g_plain)  # (x is xt's memory)
+    x32 = torch.zeros(8, 10)
+    with pytest.raises(ValueError, match="^x: expected"):
+        cpu.forward(x32.t(), x32.t(), None, 1, None, 1)  # not contiguous
+    with pytest.raises(ValueError, match="^y: expected"):
+        cpu.forward(x32, x32.double(), None, 1, None, 1)
+    with pytest.raises(ValueError, match="^grad_out: expected length 80"):
+        cpu.forward(x32, x32.clone(), None, 1, None, 1, grad_out=torch.zeros(79))
+    big = torch.zeros(120)
+    with pytest.raises(ValueError, match="grad_out partially overlaps"):
+        cpu.forward(big[:80], x32, None, 1, None, 1, grad_out=big[40:])
+    with pytest.raises(ValueError, match="loss_out overlaps"):
+        cpu.forward(x32, big[:80], None, 1, None, 1, loss_out=big[40:])

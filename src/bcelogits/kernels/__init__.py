@@ -222,7 +222,8 @@ def _empty(call, dtype):
 
 
 def _takes_tensors(kernel) -> bool:
-    """The Triton kernels take torch tensors; the numba kernels take NumPy arrays."""
+    """The Triton kernels take torch tensors; the numba kernels take NumPy arrays for their weights, and
+    NumPy arrays or contiguous CPU tensors (read through ``data_ptr()``, of any shape) for the rest."""
     return kernel.__name__.endswith("triton")
 
 
@@ -235,7 +236,10 @@ def _kernel_args(call, kernel):
         flat = [a.reshape(-1) for a in (call.input, call.target)]
         w, p = (None if a is None else a.contiguous() for a in (w, p))
     else:
-        flat = [_as_kernel_array(a, call.is_torch).reshape(-1) for a in (call.input, call.target)]
+        # Contiguous CPU tensors (see _choose) go to the numba kernel as they are: a NumPy view and its
+        # address would cost ~5 us per array, as much as the kernel on a small input.
+        xy = (call.input, call.target)
+        flat = xy if call.is_torch else [np.ascontiguousarray(a).reshape(-1) for a in xy]
         w, p = (_as_kernel_array(a, call.is_torch) for a in (w, p))
     return (*flat, w, w_inner, p, p_inner)
 
@@ -312,9 +316,7 @@ def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
 
 
 def _flat_view(out, call, kernel):
-    if _takes_tensors(kernel) or not call.is_torch:
-        return out.reshape(-1)
-    return out.reshape(-1).numpy()
+    return out if call.is_torch and not _takes_tensors(kernel) else out.reshape(-1)
 
 
 def _compute_inputs(call):
@@ -362,9 +364,11 @@ def backward_none(call, go):
 def _kernel_backward_none(call, kernel, go):
     grad = _empty(call, call.compute_dtype)
     go_flat = go.to(call.compute_dtype).contiguous() if call.is_torch else go.astype(call.compute_dtype)
-    go_k = go_flat.reshape(-1) if _takes_tensors(kernel) else _as_kernel_array(go_flat, call.is_torch)
     kernel.backward_none(
-        *_kernel_args(call, kernel), go_k.reshape(-1), _flat_view(grad, call, kernel), **_options_kw(call)
+        *_kernel_args(call, kernel),
+        _flat_view(go_flat, call, kernel),
+        _flat_view(grad, call, kernel),
+        **_options_kw(call),
     )
     return grad
 

@@ -896,24 +896,43 @@ def _consts(dt):
     return c
 
 
-def _check_1d(name, a, dt, n):
-    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype != dt or not a.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a 1-D C-contiguous {dt} numpy array")
-    if a.size != n:
-        raise ValueError(f"{name}: expected length {n}, got {a.size}")
+def _dtype_of(a):
+    """The NumPy dtype of a float32/float64 NumPy array or CPU torch tensor, else None."""
+    if isinstance(a, np.ndarray):
+        return a.dtype if a.dtype in (np.float32, np.float64) else None
+    if hasattr(a, "data_ptr"):  # a torch tensor (torch itself is never imported here)
+        d = a.dtype
+        if d.is_floating_point and d.itemsize in (4, 8):  # the only such torch dtypes: float32, float64
+            return np.dtype(np.float32 if d.itemsize == 4 else np.float64)
+    return None
 
 
-def _check_out(name, a, dt, n, same_ok, others):
-    """A writable output that overlaps no input, except by being exactly one of ``same_ok``."""
-    _check_1d(name, a, dt, n)
-    if not a.flags.writeable:
-        raise ValueError(f"{name}: not writeable")
+def _span(name, a, dt, n, writable=False):
+    """``(start, end)`` data addresses of ``a``: a 1-D C-contiguous NumPy array or a contiguous CPU torch
+    tensor (any shape: read flat) of dtype ``dt`` and ``n`` elements. A tensor's address comes from
+    ``data_ptr()``: converting it to a NumPy array and asking that for its address costs about 5 us."""
+    if isinstance(a, np.ndarray):
+        if a.ndim != 1 or a.dtype != dt or not a.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a 1-D C-contiguous {dt} numpy array or CPU tensor")
+        if writable and not a.flags.writeable:
+            raise ValueError(f"{name}: not writeable")
+        size, start = a.size, a.ctypes.data
+    else:
+        if _dtype_of(a) != dt or a.device.type != "cpu" or not a.is_contiguous():
+            raise ValueError(f"{name}: expected a 1-D C-contiguous {dt} numpy array or CPU tensor")
+        size, start = a.numel(), a.data_ptr()
+    if size != n:
+        raise ValueError(f"{name}: expected length {n}, got {size}")
+    return start, start + n * dt.itemsize
+
+
+def _check_out(name, out, same_ok, others):
+    """An output span that overlaps no input span, except by being exactly one of ``same_ok``."""
     for b in same_ok:
-        if b is not None and np.may_share_memory(a, b):
-            if a.__array_interface__["data"][0] != b.__array_interface__["data"][0]:
-                raise ValueError(f"{name} partially overlaps an input")
+        if b is not None and out[0] < b[1] and b[0] < out[1] and out != b:
+            raise ValueError(f"{name} partially overlaps an input")
     for b in others:
-        if b is not None and np.may_share_memory(a, b):
+        if b is not None and out[0] < b[1] and b[0] < out[1]:
             raise ValueError(f"{name} overlaps another argument")
 
 
@@ -928,16 +947,24 @@ def _pattern(name, a, inner, dt):
     return a, inner
 
 
+def _wspan(a):
+    """The span of a weight pattern (``None`` for the constant of an absent weight)."""
+    if a.size == 0 or id(a) in _CONST_ADDRESSES:
+        return None
+    start = a.ctypes.data
+    return start, start + a.nbytes
+
+
 def _prep(x, y, w, w_inner, p, p_inner):
-    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
-        raise ValueError("x: expected a float32 or float64 numpy array")
-    dt = x.dtype
-    n = x.size
-    _check_1d("x", x, dt, n)
-    _check_1d("y", y, dt, n)
+    dt = _dtype_of(x)
+    if dt is None:
+        raise ValueError("x: expected a float32 or float64 numpy array or CPU tensor")
+    n = x.size if isinstance(x, np.ndarray) else x.numel()
+    xs = _span("x", x, dt, n)
+    ys = _span("y", y, dt, n)
     wv, wi = _pattern("w", w, w_inner, dt)
     pv, pi = _pattern("p", p, p_inner, dt)
-    return dt, n, wv, wi, pv, pi
+    return dt, n, xs, ys, wv, wi, pv, pi
 
 
 # ---- threads ------------------------------------------------------------------------------------
@@ -1046,8 +1073,9 @@ def _buffer(words):
     return kept
 
 
-def _launch(mode, focal, uses, arrays, scalars, flags):
-    """Run the ``(mode, focal, uses)`` worker on ``arrays = (x, y, w, p, go, lo, gr, wext, pext)`` on up to
+def _launch(mode, focal, uses, dt, n, refs, scalars, flags):
+    """Run the ``(mode, focal, uses)`` worker of dtype ``dt`` over ``n`` elements, on the arrays
+    ``refs = (x, y, w, p, go, lo, gr, wext, pext)`` given as (address, length) pairs, on up to
     :func:`_num_threads` threads and return the (loss sum, count, weight sum) of the block partials,
     summed in block order: the same bits for any thread count and any split of the blocks between threads.
 
@@ -1055,22 +1083,21 @@ def _launch(mode, focal, uses, arrays, scalars, flags):
     handed to ``GOMP_parallel``): its threads are the ones still spinning after torch's previous operator,
     so they start on our blocks at once instead of competing with us for the cores. Without torch, the
     calling thread and a small pool of Python threads (the compiled code runs without the GIL)."""
-    x = arrays[0]
-    fn, address = _kernel(x.dtype, mode, focal, uses)
-    nb = (x.size + BLOCK - 1) // BLOCK
+    fn, address = _kernel(dt, mode, focal, uses)
+    nb = (n + BLOCK - 1) // BLOCK
     nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
     # One buffer per call (the calling thread's kept one, see _buffer): the argument block (_A_SIZE
     # int64), the two counters, the block partials (3 x nb float64), then the threads' scratch slots.
-    nscratch = nthreads * _slot_bytes(x.dtype == np.float64)
+    nscratch = nthreads * _slot_bytes(dt == np.float64)
     buf, base = _buffer(_A_SIZE + 2 + 3 * nb + nscratch // 8)
     buf[_A_SIZE : _A_SIZE + 2 + 3 * nb] = 0
     part = buf[_A_SIZE + 2 : _A_SIZE + 2 + 3 * nb].view(np.float64).reshape(3, nb)
     block = []
-    for arr in arrays[:7]:
-        block += (_address(arr), arr.size)
+    for ref in refs[:7]:
+        block += ref
     block += (base + 8 * (_A_SIZE + 2), 3 * nb)
-    for arr in arrays[7:]:
-        block += (_address(arr), arr.size)
+    for ref in refs[7:]:
+        block += ref
     block += (base + 8 * (_A_SIZE + 2 + 3 * nb), nscratch)
     ctr = base + 8 * _A_SIZE
     block += (ctr, ctr + 8, scalars[4], scalars[5], flags, 0, 0, 0, 0, nthreads)
@@ -1108,17 +1135,21 @@ def _ext(src, inner, n):
     return np.tile(np.repeat(src, inner) if inner > 1 else src, -(-need // period))[:need]
 
 
-def _launch_run(x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags, uses):
-    """The worker over all blocks. ``gamma == 0`` selects a non-focal specialisation, ``uses`` (see
+def _launch_run(dt, n, x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags, uses):
+    """The worker over all blocks. ``x, y, go, lo, gr``: spans (see :func:`_span`) or None (absent);
+    ``w, p``: weight patterns. ``gamma == 0`` selects a non-focal specialisation, ``uses`` (see
     :func:`_uses`) one with only the operations the call needs."""
-    n = x.size
-    none = _consts(x.dtype)[1]
-    arrays = (
-        x, y, w, p, go, lo, gr,
-        _ext(w, w_inner, n) if "w" in uses else none, _ext(p, p_inner, n) if "p" in uses else none,
-    )  # fmt: skip
+    none = _consts(dt)[1]
+    absent = (_address(none), 0)
+    spans = tuple(absent if s is None else (s[0], n) for s in (x, y, go, lo, gr))
+    # (``arrays`` keeps the expanded patterns alive until the call returns.)
+    wext = _ext(w, w_inner, n) if "w" in uses else none
+    pext = _ext(p, p_inner, n) if "p" in uses else none
+    arrays = (w, p, wext, pext)
+    pats = tuple((_address(a), a.size) for a in arrays)
+    refs = (*spans[:2], *pats[:2], *spans[2:], *pats[2:])
     scalars = (float(ls), float(ig), float(gamma), float(gscale), int(w_inner), int(p_inner))
-    return _launch(mode, gamma != 0.0, uses, arrays, scalars, flags)
+    return _launch(mode, gamma != 0.0, uses, dt, n, refs, scalars, flags)
 
 
 def _uses(w, p, label_smoothing, ignore_index):
@@ -1161,7 +1192,8 @@ def forward(
     """One pass: returns ``(loss_sum, count, weight_sum)``, and fills ``loss_out`` (element losses) and
     ``grad_out`` (``grad_scale * dloss/dx``) when given.
 
-    ``x, y``: 1-D C-contiguous float32/float64 arrays of one dtype (the compute dtype) and length ``n``.
+    ``x, y``: 1-D C-contiguous float32/float64 NumPy arrays of one dtype (the compute dtype) and length
+    ``n``, or contiguous CPU torch tensors (of any shape, read flat; so are ``loss_out`` and ``grad_out``).
     ``w, p``: ``None`` or 1-D arrays; element ``i`` uses ``w[(i // w_inner) % len(w)]`` (same for ``p``).
     Elements with ``y == ignore_index`` (compared in the dtype, before smoothing) give loss 0 and grad 0
     and are not counted. ``loss_sum`` is accumulated in float64; ``weight_sum`` is the sum of the weights
@@ -1169,21 +1201,23 @@ def forward(
     must not otherwise overlap the inputs. ``weight_sum=False``: the caller does not need the weight
     sum (returned as NaN when no element is ignored), which saves a pass over a full-shape ``w``.
     """
-    dt, n, wv, wi, pv, pi = _prep(x, y, w, w_inner, p, p_inner)
-    empty = _consts(dt)[1]
+    dt, n, xs, ys, wv, wi, pv, pi = _prep(x, y, w, w_inner, p, p_inner)
     flags = 2
+    los = gos = None
     if loss_out is not None:
-        _check_out("loss_out", loss_out, dt, n, (), (x, y, wv, pv))
+        los = _span("loss_out", loss_out, dt, n, writable=True)
+        _check_out("loss_out", los, (), (xs, ys, _wspan(wv), _wspan(pv)))
         flags |= 1
     if grad_out is not None:
-        _check_out("grad_out", grad_out, dt, n, (x,), (y, wv, pv, loss_out))
+        gos = _span("grad_out", grad_out, dt, n, writable=True)
+        _check_out("grad_out", gos, (xs,), (ys, _wspan(wv), _wspan(pv), los))
     if ignore_index is not None:
         flags |= 4
     if n == 0:
         return 0.0, 0, 0.0
     ig = math.nan if ignore_index is None else float(ignore_index)
     total, count, wsum = _launch_run(
-        x, y, wv, pv, empty, empty if loss_out is None else loss_out, empty if grad_out is None else grad_out,
+        dt, n, xs, ys, wv, pv, None, los, gos,
         label_smoothing, ig, focal_gamma, grad_scale,
         wi, pi, 0 if grad_out is None else 1, flags, _uses(w, p, label_smoothing, ignore_index),
     )  # fmt: skip
@@ -1200,16 +1234,18 @@ def backward_none(
     x, y, w, w_inner, p, p_inner, go, grad_out, *, label_smoothing=0.0, ignore_index=None, focal_gamma=0.0
 ):
     """``grad_out[i] = go[i] * dloss_i/dx_i``, the backward of reduction='none', in one pass over
-    ``x, y, w, p, go``. ``go`` is cast to the dtype if needed; ``grad_out`` may be ``x`` or ``go``."""
-    dt, n, wv, wi, pv, pi = _prep(x, y, w, w_inner, p, p_inner)
-    go = np.ascontiguousarray(go, dtype=dt)
-    _check_1d("go", go, dt, n)
-    _check_out("grad_out", grad_out, dt, n, (x, go), (y, wv, pv))
+    ``x, y, w, p, go`` (arrays as in :func:`forward`; a NumPy ``go`` is cast to the dtype if needed);
+    ``grad_out`` may be ``x`` or ``go``."""
+    dt, n, xs, ys, wv, wi, pv, pi = _prep(x, y, w, w_inner, p, p_inner)
+    if isinstance(go, np.ndarray):
+        go = np.ascontiguousarray(go, dtype=dt)
+    gs = _span("go", go, dt, n)
+    gos = _span("grad_out", grad_out, dt, n, writable=True)
+    _check_out("grad_out", gos, (xs, gs), (ys, _wspan(wv), _wspan(pv)))
     if n == 0:
         return None
-    empty = _consts(dt)[1]
     _launch_run(
-        x, y, wv, pv, go, empty, grad_out,
+        dt, n, xs, ys, wv, pv, gs, None, gos,
         label_smoothing, math.nan if ignore_index is None else ignore_index, focal_gamma, 1.0,
         wi, pi, 2, 0, _uses(w, p, label_smoothing, ignore_index),
     )  # fmt: skip
