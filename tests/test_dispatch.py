@@ -74,7 +74,7 @@ def test_choice_cpu_kernel_for_contiguous_float():
 
 @pytest.mark.parametrize(
     "case",
-    ["transposed", "bf16", "mixed", "gap_weight", "empty", "forced_plain"],
+    ["transposed", "bf16", "mixed", "gap_weight", "empty", "forced_plain", "neg_view"],
 )
 def test_choice_falls_back_to_plain(case):
     x, y = torch.randn(8, 5), torch.rand(8, 5)
@@ -90,6 +90,8 @@ def test_choice_falls_back_to_plain(case):
         kw["w"] = torch.rand(2, 1, 4)
     elif case == "empty":
         x, y = torch.randn(0, 5), torch.rand(0, 5)
+    elif case == "neg_view":  # its memory holds -x: a kernel reading the data pointer would miss the sign
+        x = torch._neg_view(x)
     if case == "forced_plain":
         with kernels.use("plain"):
             assert kernels.choose(_call(x, y, **kw)) is None
@@ -322,3 +324,27 @@ def test_kernel_bugs_are_not_swallowed(monkeypatch):
     monkeypatch.setattr(cpu, "forward", buggy)
     with pytest.raises(IndexError, match="a bug"):
         BCE(torch.randn(4), torch.rand(4))
+
+
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_lazily_negated_tensors_give_the_negated_values(which):
+    """A ``torch._neg_view`` shares memory with the tensor it negates; the loss must see its values."""
+    x, y = torch.randn(64, 33), torch.rand(64, 33) - 0.5
+    args = [x, y]
+    i = 0 if which == "input" else 1
+    args[i] = torch._neg_view(args[i])
+    got = bcelogits.binary_cross_entropy_with_logits(*args)
+    args[i] = args[i].resolve_neg()
+    want = torch.nn.functional.binary_cross_entropy_with_logits(args[0].double(), args[1].double()).float()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_meta_tensors_give_meta_results_like_torch():
+    """Shape inference on the meta device (no data) works as in torch, forward and backward."""
+    x, y = torch.randn(4, 5, device="meta", requires_grad=True), torch.rand(4, 5, device="meta")
+    for reduction in ("mean", "none"):
+        got = bcelogits.BCEWithLogitsLoss(pos_weight=torch.ones(5), reduction=reduction).to("meta")(x, y)
+        want = torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(5), reduction=reduction).to("meta")(x, y)
+        assert (got.device, got.shape, got.dtype) == (want.device, want.shape, want.dtype)
+    bcelogits.binary_cross_entropy_with_logits(x, y).backward()
+    assert (x.grad.device.type, x.grad.shape) == ("meta", x.shape)

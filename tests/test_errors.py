@@ -363,3 +363,17 @@ def test_weight_requiring_grad_is_fine_when_grad_is_disabled(name, mode):
         ours_mod = bcelogits.BCEWithLogitsLoss(**{name: c})(x, y)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_mod, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["input", "target", "weight", "pos_weight"])
+def test_sparse_tensors_are_refused_with_the_argument_and_the_fix(name):
+    """torch fails deep inside an operator (NotImplementedError); we name the argument and the fix."""
+    args = {"input": torch.randn(4, 5), "target": torch.rand(4, 5), "weight": torch.rand(4, 5),
+            "pos_weight": torch.rand(4, 5)}  # fmt: skip
+    args[name] = args[name].to_sparse()
+    with pytest.raises(NotImplementedError, match=rf"'{name}' must be a dense tensor.*{name}\.to_dense\(\)"):
+        bcelogits.binary_cross_entropy_with_logits(**args)
+    module = bcelogits.BCEWithLogitsLoss(weight=args["weight"], pos_weight=args["pos_weight"])
+    with pytest.raises(bcelogits.LayoutError) as info:
+        module(args["input"], args["target"])
+    assert isinstance(info.value, TypeError)  # and a NotImplementedError, as torch's

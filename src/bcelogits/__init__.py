@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import kernels
-from ._args import ArgumentTypeError, DTypeError
+from ._args import ArgumentTypeError, DTypeError, LayoutError
 from .functional import binary_cross_entropy_with_logits, loss_and_grad, pos_weight_from_targets
 from .kernels import PerformanceWarning
 
@@ -12,6 +12,7 @@ __all__ = [
     "ArgumentTypeError",
     "BCEWithLogitsLoss",
     "DTypeError",
+    "LayoutError",
     "PerformanceWarning",
     "binary_cross_entropy_with_logits",
     "kernels",

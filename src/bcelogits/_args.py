@@ -22,6 +22,11 @@ class ArgumentTypeError(TypeError, AttributeError):
     """An argument is not an array of a supported kind (torch raises AttributeError or TypeError here)."""
 
 
+class LayoutError(TypeError, NotImplementedError):
+    """A sparse (or other non-strided) tensor: the loss is defined for dense tensors only (torch raises
+    NotImplementedError from deep inside an operator here)."""
+
+
 class DTypeError(TypeError, NotImplementedError):
     """An input or target of a dtype the loss is not defined for (torch raises RuntimeError /
     NotImplementedError here; this class is both a TypeError and a RuntimeError)."""
@@ -186,6 +191,15 @@ class Call:
         return tuple(self.input.shape)
 
 
+def _autocast_on(torch, device_type: str) -> bool:
+    """Is autocast enabled for this device type? (False for types autocast does not know, e.g. 'meta',
+    where torch.is_autocast_enabled raises.)"""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def compute_dtype(xp, input_dtype, target_dtype):
     """The dtype the math runs in: the promoted dtype of input and target, but at least float32
     (16-bit inputs are computed in float32 and rounded once)."""
@@ -234,8 +248,13 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
 
     # dtypes: the loss has the target's dtype; 16-bit math is done in float32 and rounded once.
     if torch is not None:
-        dev = input.device.type
-        if torch.is_autocast_enabled(dev):  # torch runs this loss in float32 under autocast
+        for name, a in (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+            if a is not None and a.layout is not torch.strided:
+                raise LayoutError(
+                    f"{FUNCTION}(): '{name}' must be a dense tensor, got layout {a.layout}; "
+                    f"convert it with {name}.to_dense()"
+                )
+        if _autocast_on(torch, input.device.type):  # torch runs this loss in float32 under autocast
             low = (torch.float16, torch.bfloat16)
             input = input.float() if input.dtype in low else input
             target = target.float() if target.dtype in low else target

@@ -138,8 +138,9 @@ def flat_pattern(w, shape: tuple):
 
 def plain_tensor(t, torch) -> bool:
     """A dense tensor the kernels may read through .numpy() / data pointers (no subclass, no fake
-    tensor, no functorch wrapper, no forward-AD tangent)."""
-    if type(t) is not torch.Tensor:  # subclasses, fake tensors under torch.compile
+    tensor, no functorch wrapper, no forward-AD tangent, no lazy negation: a ``_neg_view`` shares its
+    memory with the tensor it negates)."""
+    if type(t) is not torch.Tensor or t.is_neg():  # subclasses, fake tensors under torch.compile
         return False
     functorch = getattr(torch._C, "_functorch", None)
     if functorch is not None and (
