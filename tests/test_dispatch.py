@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bcelogits
 from bcelogits import _args, kernels
@@ -72,15 +73,62 @@ def test_choice_cpu_kernel_for_contiguous_float():
     assert kernels.choose(_call(x.double(), y.double(), torch.rand(5, dtype=torch.float64))) is cpu
 
 
+CL = torch.channels_last
+
+
+@needs_cpu
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "layouts",
+    [("cl", "cl"), ("cl", "c"), ("c", "cl"), ("t", "c"), ("c", "t"), ("t", "t")],
+    ids=lambda v: "-".join(v),
+)
+@pytest.mark.parametrize("weights", ["none", "pos_weight", "weight"])
+def test_dense_layouts_take_the_kernel_with_torch_layouts(layouts, reduction, weights):
+    """channels_last, transposes and mixtures of them go to the fused kernel in one memory order; values
+    and gradients are those of the contiguous call, and the elementwise loss is laid out as torch's."""
+    torch.manual_seed(3)
+    shape = (3, 5, 6, 7)
+    x0, y0 = torch.randn(shape, dtype=torch.float64) * 4, torch.rand(shape, dtype=torch.float64)
+    kw = {"none": {}, "pos_weight": {"pos_weight": torch.rand(5, 1, 1, dtype=torch.float64) * 3},
+          "weight": {"weight": torch.rand(5, 6, 7, dtype=torch.float64)}}[weights]  # fmt: skip
+
+    def lay(t, how):
+        if how == "cl":
+            return t.contiguous(memory_format=CL)
+        if how == "t":  # a transposed layout: the last two dimensions swapped in memory
+            return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return t
+
+    x, y = lay(x0, layouts[0]).requires_grad_(), lay(y0, layouts[1])
+    assert kernels.choose(_call(x, y, kw.get("weight"), kw.get("pos_weight"), reduction)) is cpu
+    got = BCE(x, y, reduction=reduction, **kw)
+    (g,) = torch.autograd.grad(got.sum(), x)
+    xr = x0.clone().requires_grad_()  # the same call on contiguous tensors (tested against torch elsewhere)
+    want = BCE(xr, y0, reduction=reduction, **kw)
+    (gw,) = torch.autograd.grad(want.sum(), xr)
+    if reduction == "none":
+        assert torch.equal(got, want)
+    else:  # the same terms, summed in another order
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    assert torch.equal(g, gw)
+    # torch's own layout for the same tensors (an elementwise loss laid out like the target: .view works
+    # where it works on torch's). Gradient strides are not a contract (torch's vary with its formula;
+    # x.grad is laid out like x by autograd either way).
+    assert got.stride() == F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kw).stride()
+
+
 @pytest.mark.parametrize(
     "case",
-    ["transposed", "bf16", "mixed", "gap_weight", "empty", "forced_plain", "neg_view"],
+    ["gapped", "expanded", "bf16", "mixed", "gap_weight", "empty", "forced_plain", "neg_view"],
 )
 def test_choice_falls_back_to_plain(case):
     x, y = torch.randn(8, 5), torch.rand(8, 5)
     kw = {}
-    if case == "transposed":
-        x, y = x.t(), y.t()
+    if case == "gapped":  # not dense: no memory order reads it flat
+        x, y = torch.randn(8, 10)[:, ::2], torch.rand(8, 10)[:, ::2]
+    elif case == "expanded":  # overlapping (stride 0)
+        y = torch.rand(1, 5).expand(8, 5)
     elif case == "bf16":
         x, y = x.bfloat16(), y.bfloat16()
     elif case == "mixed":
@@ -230,6 +278,27 @@ def test_compile_fullgraph_uses_custom_op(reduction):
     torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_compile_channels_last_matches_eager_values_and_layout(reduction):
+    """Under torch.compile the custom op's outputs have the layouts its fake implementations promise
+    (inductor checks them: before, the eager layouts of a channels_last input failed that check)."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=CL).requires_grad_()
+    y = torch.rand(2, 3, 4, 5)
+    pw = torch.rand(3, 1, 1) + 0.5
+
+    def f(x, y):
+        return BCE(x, y, reduction=reduction, pos_weight=pw) * 2.0
+
+    eager = f(x, y)
+    (ge,) = torch.autograd.grad(eager.sum(), x)
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(x, y)
+    (gc,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-7)
+
+
 def test_compile_inductor_end_to_end():
     """A real inductor compile (fullgraph) of a model with our loss: values and gradients as eager."""
     torch.manual_seed(1)
@@ -335,7 +404,7 @@ def test_lazily_negated_tensors_give_the_negated_values(which):
     args[i] = torch._neg_view(args[i])
     got = bcelogits.binary_cross_entropy_with_logits(*args)
     args[i] = args[i].resolve_neg()
-    want = torch.nn.functional.binary_cross_entropy_with_logits(args[0].double(), args[1].double()).float()
+    want = F.binary_cross_entropy_with_logits(args[0].double(), args[1].double()).float()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 

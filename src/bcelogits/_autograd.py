@@ -189,9 +189,11 @@ def _loss_op(
     """(loss, d loss / d x) — the gradient only when ``want_grad`` (else an empty tensor)."""
     call = _op_call(x, y, w, p, reduction, ignore_index, label_smoothing, focal_gamma)
     fwd = kernels.forward(call, want_grad=want_grad)
+    # Outputs are C-contiguous, as the fake implementations promise: eager results follow the input
+    # layouts (channels_last, ...), and inductor may hand the op other layouts than it traced.
     if not want_grad:
-        return fwd.loss, x.new_empty(0)
-    return fwd.loss, fwd.final_grad().to(x.dtype)
+        return fwd.loss.contiguous(), x.new_empty(0)
+    return fwd.loss.contiguous(), fwd.final_grad().to(x.dtype).contiguous()
 
 
 @_loss_op.register_fake
@@ -213,12 +215,12 @@ def _grad_none_op(
 ) -> Tensor:
     """``go * d loss_i / d x_i`` for reduction='none'."""
     call = _op_call(x, y, w, p, "none", ignore_index, label_smoothing, focal_gamma)
-    return kernels.backward_none(call, go).to(x.dtype)
+    return kernels.backward_none(call, go).to(x.dtype).contiguous()
 
 
 @_grad_none_op.register_fake
 def _(x, y, w, p, go, ignore_index, label_smoothing, focal_gamma):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _op_setup(ctx, inputs, output):

@@ -161,29 +161,88 @@ def _choose(call):
     x, y = call.input, call.target
     if backend == "plain" or math.prod(call.shape) == 0:
         return None
-    shape = call.shape
-    if flat_pattern(call.weight, shape) is None or flat_pattern(call.pos_weight, shape) is None:
-        return None
     if not call.is_torch:
         if x.dtype == y.dtype == call.compute_dtype and x.flags.c_contiguous and y.flags.c_contiguous:
-            return _cpu_module() if backend in ("auto", "cpu") else None
+            return _cpu_module() if backend in ("auto", "cpu") and _flat_weights(call) else None
         return None
     torch = call.xp
     if torch.jit.is_tracing():  # torch.jit.trace records torch operators; a kernel call is not one
         return None
     if not (plain_tensor(x, torch) and plain_tensor(y, torch)):
         return None
-    if not (x.is_contiguous() and y.is_contiguous()):
-        return None
+    contiguous = x.is_contiguous() and y.is_contiguous()
     if x.device.type == "cpu":
         if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-            return _triton_module(x.device)
+            return _triton_module(x.device) if contiguous and _flat_weights(call) else None
         if backend in ("auto", "cpu") and x.dtype == y.dtype == call.compute_dtype:
-            return _cpu_module()
+            # Any dense layouts (channels_last, a transpose): see _in_memory_order.
+            order = memory_order(y if call.reduction == "none" else x)
+            if order is not None and memory_order(x) is not None and memory_order(y) is not None:
+                return _cpu_module() if _flat_weights(call, order) else None
         return None
-    if x.device.type == "cuda" and backend in ("auto", "triton"):
+    if x.device.type == "cuda" and backend in ("auto", "triton") and contiguous and _flat_weights(call):
         return _triton_module(x.device)
     return None
+
+
+def memory_order(t):
+    """The order of ``t``'s dimensions in memory (outermost first) when ``t.permute(order)`` is
+    C-contiguous: a dense tensor without gaps or overlaps (contiguous, channels_last, a transpose, ...);
+    else None."""
+    if t.is_contiguous():
+        return tuple(range(t.ndim))
+    order = tuple(sorted(range(t.ndim), key=lambda d: -t.stride(d)))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _permute_weight(w, order):
+    """A weight broadcastable to the input, as a view broadcastable to ``input.permute(order)``."""
+    if w is None:
+        return None
+    return w.reshape((1,) * (len(order) - w.ndim) + tuple(w.shape)).permute(order)
+
+
+def _flat_weights(call, order=None) -> bool:
+    """Can the kernels read the weights of ``call`` (in ``order``) as flat periodic patterns?"""
+    w, p, shape = call.weight, call.pos_weight, call.shape
+    if order is not None and order != tuple(range(len(order))):
+        w, p = _permute_weight(w, order), _permute_weight(p, order)
+        shape = tuple(shape[d] for d in order)
+    return flat_pattern(w, shape) is not None and flat_pattern(p, shape) is not None
+
+
+def _in_memory_order(call):
+    """``(call, order)``: the call with every tensor permuted to one memory ``order`` (a tensor in another
+    layout is copied into it: one pass), or ``order`` None when nothing is permuted. The order is the
+    target's for 'none' and the input's otherwise, so that results have torch's layouts: the elementwise
+    loss is laid out like the target, the gradient of a reduced loss like the input. Results computed
+    for the permuted call go back with :func:`_unpermute`."""
+    x, y = call.input, call.target
+    if not call.is_torch or (x.is_contiguous() and y.is_contiguous()):
+        return call, None
+    order = memory_order(y if call.reduction == "none" else x)
+    c = _replace(call)
+    c.input, c.target = (a.permute(order) for a in (x, y))
+    c.input, c.target = (a if a.is_contiguous() else a.contiguous() for a in (c.input, c.target))
+    if order == tuple(range(len(order))):
+        return c, None
+    c.weight, c.pos_weight = _permute_weight(call.weight, order), _permute_weight(call.pos_weight, order)
+    return c, order
+
+
+def _unpermute(t, order):
+    """``t`` (shaped like ``input.permute(order)``) as a view shaped like the input: it then has the
+    input's strides."""
+    if t is None or order is None:
+        return t
+    return t.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _replace(call):
+    """A shallow copy of ``call`` (its arrays are then replaced)."""
+    c = object.__new__(type(call))
+    c.__dict__.update(call.__dict__)
+    return c
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -293,6 +352,7 @@ def forward(call, want_grad: bool = False) -> Forward:
 
 
 def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
+    call, order = _in_memory_order(call)
     n = math.prod(call.shape)
     elementwise = call.reduction == "none"
     loss_out = _empty(call, call.compute_dtype) if elementwise else None
@@ -308,8 +368,9 @@ def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
         grad_scale=scale,
         weight_sum=call.reduction == "weighted_mean",
     )
+    grad_out = _unpermute(grad_out, order)
     if elementwise:
-        return Forward(_to_out(call, loss_out), grad_out, 1.0)
+        return Forward(_to_out(call, _unpermute(loss_out, order)), grad_out, 1.0)
     denom = _denominator(call, count, wsum)
     value = _divide(call, total, denom)
     pending = 1.0 if known or call.reduction == "sum" else _divide(call, 1.0, denom)
@@ -363,6 +424,9 @@ def backward_none(call, go):
 
 
 def _kernel_backward_none(call, kernel, go):
+    call, order = _in_memory_order(call)
+    if order is not None:
+        go = go.permute(order)
     grad = _empty(call, call.compute_dtype)
     go_flat = go.to(call.compute_dtype).contiguous() if call.is_torch else go.astype(call.compute_dtype)
     kernel.backward_none(
@@ -371,7 +435,7 @@ def _kernel_backward_none(call, kernel, go):
         _flat_view(grad, call, kernel),
         **_options_kw(call),
     )
-    return grad
+    return _unpermute(grad, order)
 
 
 def _plain_denominator(call):
