@@ -81,8 +81,8 @@ def _cpu_module():
         warnings.warn(
             "bcelogits: the fused CPU kernel is unavailable "
             f"({reason if cpu is None else cpu.unavailable_reason}); using the plain path, "
-            "which is about 4x slower. "
-            "Install numba (pip install 'bcelogits[fast]') for the fast path.",
+            "which gives the same results but is about 20x slower (and several times slower than torch's "
+            "own loss). Install numba (pip install 'bcelogits[fast]') for the fast path.",
             PerformanceWarning,
             stacklevel=4,
         )
@@ -161,10 +161,8 @@ def _choose(call):
     x, y = call.input, call.target
     if backend == "plain" or math.prod(call.shape) == 0:
         return None
-    if not call.is_torch:
-        if x.dtype == y.dtype == call.compute_dtype and x.flags.c_contiguous and y.flags.c_contiguous:
-            return _cpu_module() if backend in ("auto", "cpu") and _flat_weights(call) else None
-        return None
+    if not call.is_torch:  # any dtype and layout (see _staged)
+        return _cpu_module() if backend in ("auto", "cpu") and _flat_weights(call) else None
     torch = call.xp
     if torch.jit.is_tracing():  # torch.jit.trace records torch operators; a kernel call is not one
         return None
@@ -174,11 +172,8 @@ def _choose(call):
     if x.device.type == "cpu":
         if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return _triton_module(x.device) if contiguous and _flat_weights(call) else None
-        if backend in ("auto", "cpu") and x.dtype == y.dtype == call.compute_dtype:
-            # Any dense layouts (channels_last, a transpose): see _in_memory_order.
-            order = memory_order(y if call.reduction == "none" else x)
-            if order is not None and memory_order(x) is not None and memory_order(y) is not None:
-                return _cpu_module() if _flat_weights(call, order) else None
+        if backend in ("auto", "cpu"):  # any dtype and layout (see _staged)
+            return _cpu_module() if _flat_weights(call, _cpu_order(call)) else None
         return None
     if x.device.type == "cuda" and backend in ("auto", "triton") and contiguous and _flat_weights(call):
         return _triton_module(x.device)
@@ -211,19 +206,34 @@ def _flat_weights(call, order=None) -> bool:
     return flat_pattern(w, shape) is not None and flat_pattern(p, shape) is not None
 
 
-def _in_memory_order(call):
-    """``(call, order)``: the call with every tensor permuted to one memory ``order`` (a tensor in another
-    layout is copied into it: one pass), or ``order`` None when nothing is permuted. The order is the
-    target's for 'none' and the input's otherwise, so that results have torch's layouts: the elementwise
-    loss is laid out like the target, the gradient of a reduced loss like the input. Results computed
-    for the permuted call go back with :func:`_unpermute`."""
-    x, y = call.input, call.target
-    if not call.is_torch or (x.is_contiguous() and y.is_contiguous()):
+def _cpu_order(call):
+    """The memory order the CPU kernel runs a torch ``call`` in: that of the target for 'none' and of the
+    input otherwise, so that results are laid out as torch's (the elementwise loss like the target, the
+    gradient of a reduced loss like the input); the logical order for a tensor with gaps or overlaps."""
+    lead = call.target if call.reduction == "none" else call.input
+    order = memory_order(lead)
+    return tuple(range(lead.ndim)) if order is None else order
+
+
+def _staged(call):
+    """``(call, order)``: the call as the CPU kernel reads it. Input and target C-contiguous in the compute
+    dtype: permuted to the memory ``order`` of :func:`_cpu_order` (a view for a dense layout:
+    channels_last, a transpose), and copied where that is not enough (16-bit or mixed dtypes, another
+    layout, gaps or overlaps: one pass each, far cheaper than the plain path's many). Weights are
+    permuted with them. ``order`` is None when nothing was permuted; results computed for the staged call
+    go back with :func:`_unpermute`."""
+    x, y, dt = call.input, call.target, call.compute_dtype
+    if not call.is_torch:
+        if x.dtype == y.dtype == dt and x.flags.c_contiguous and y.flags.c_contiguous:
+            return call, None
+        c = _replace(call)
+        c.input, c.target = (np.ascontiguousarray(a, dtype=dt) for a in (x, y))
+        return c, None
+    if x.dtype == y.dtype == dt and x.is_contiguous() and y.is_contiguous():
         return call, None
-    order = memory_order(y if call.reduction == "none" else x)
+    order = _cpu_order(call)
     c = _replace(call)
-    c.input, c.target = (a.permute(order) for a in (x, y))
-    c.input, c.target = (a if a.is_contiguous() else a.contiguous() for a in (c.input, c.target))
+    c.input, c.target = (a.permute(order).to(dt).contiguous() for a in (x, y))
     if order == tuple(range(len(order))):
         return c, None
     c.weight, c.pos_weight = _permute_weight(call.weight, order), _permute_weight(call.pos_weight, order)
@@ -352,7 +362,7 @@ def forward(call, want_grad: bool = False) -> Forward:
 
 
 def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
-    call, order = _in_memory_order(call)
+    call, order = _staged(call)
     n = math.prod(call.shape)
     elementwise = call.reduction == "none"
     loss_out = _empty(call, call.compute_dtype) if elementwise else None
@@ -424,7 +434,7 @@ def backward_none(call, go):
 
 
 def _kernel_backward_none(call, kernel, go):
-    call, order = _in_memory_order(call)
+    call, order = _staged(call)
     if order is not None:
         go = go.permute(order)
     grad = _empty(call, call.compute_dtype)
