@@ -147,7 +147,8 @@ def plain_tensor(t, torch) -> bool:
         functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)  # vmap'd backward
     ):
         return False
-    return torch.autograd.forward_ad.unpack_dual(t).tangent is None
+    fwd_ad = torch.autograd.forward_ad  # tangents exist only inside a dual level (private; if gone: look)
+    return getattr(fwd_ad, "_current_level", 0) < 0 or fwd_ad.unpack_dual(t).tangent is None
 
 
 def choose(call):
@@ -173,7 +174,8 @@ def _choose(call):
         if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return _triton_module(x.device) if contiguous and _flat_weights(call) else None
         if backend in ("auto", "cpu"):  # any dtype and layout (see _staged)
-            return _cpu_module() if _flat_weights(call, _cpu_order(call)) else None
+            order = None if contiguous else _cpu_order(call)
+            return _cpu_module() if _flat_weights(call, order) else None
         return None
     if x.device.type == "cuda" and backend in ("auto", "triton") and contiguous and _flat_weights(call):
         return _triton_module(x.device)
