@@ -118,14 +118,11 @@ def test_dense_layouts_take_the_kernel_with_torch_layouts(layouts, reduction, we
     assert got.stride() == F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kw).stride()
 
 
-@pytest.mark.parametrize("case", ["gap_weight", "empty", "forced_plain", "neg_view"])
+@pytest.mark.parametrize("case", ["empty", "forced_plain", "neg_view"])
 def test_choice_falls_back_to_plain(case):
     x, y = torch.randn(8, 5), torch.rand(8, 5)
     kw = {}
-    if case == "gap_weight":
-        x, y = torch.randn(2, 3, 4), torch.rand(2, 3, 4)
-        kw["w"] = torch.rand(2, 1, 4)
-    elif case == "empty":
+    if case == "empty":
         x, y = torch.randn(0, 5), torch.rand(0, 5)
     elif case == "neg_view":  # its memory holds -x: a kernel reading the data pointer would miss the sign
         x = torch._neg_view(x)
@@ -139,14 +136,29 @@ def test_choice_falls_back_to_plain(case):
 @needs_cpu
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(
-    "case", ["gapped", "expanded", "bf16", "f16", "mixed", "numpy_f16", "numpy_fortran", "numpy_gapped"]
-)
+    "case",
+    [
+        "gapped", "expanded", "bf16", "f16", "mixed", "gap_weight", "gap_pos_weight", "cl_gap_weight",
+        "numpy_f16", "numpy_fortran", "numpy_gapped", "numpy_gap_weight",
+    ],
+)  # fmt: skip
 def test_other_cpu_dtypes_and_layouts_are_staged_for_the_kernel(case, reduction):
-    """16-bit and mixed dtypes, views with gaps or overlaps: copied into the compute dtype (one pass each)
-    and run by the fused kernel; the same values and gradients as the plain path, to the output's ulp."""
+    """16-bit and mixed dtypes, views with gaps or overlaps, weights that broadcast with a gap: copied
+    into the compute dtype (one pass each) and run by the fused kernel; the same values and gradients as
+    the plain path, to the output's ulp."""
     torch.manual_seed(5)
     x, y = torch.randn(64, 40) * 3, torch.rand(64, 40)
-    w = torch.rand(40) + 0.5
+    w, p = torch.rand(40) + 0.5, None
+    if "gap" in case and "weight" in case:  # (N, 1, W): not a periodic pattern of the flat input
+        x, y = torch.randn(4, 16, 40) * 3, torch.rand(4, 16, 40)
+        w = torch.rand(4, 1, 40) + 0.5
+        if case == "gap_pos_weight":
+            w, p = None, w
+        elif case == "cl_gap_weight":
+            x, y = (t.unsqueeze(-1).contiguous(memory_format=CL) for t in (x, y))
+            w = w.unsqueeze(-1)
+        elif case == "numpy_gap_weight":
+            x, y, w = x.numpy(), y.numpy(), w.numpy()
     if case == "gapped":
         x, y = x[:, ::2], y[:, 1::2]
         w = w[::2]
@@ -163,13 +175,15 @@ def test_other_cpu_dtypes_and_layouts_are_staged_for_the_kernel(case, reduction)
         x, y, w = np.asfortranarray(x.numpy()), y.numpy(), w.numpy()
     elif case == "numpy_gapped":
         x, y, w = x.numpy()[:, ::2], y.numpy()[:, ::2], w.numpy()[::2]
-    assert kernels.choose(_call(x, y, w, reduction=reduction)) is cpu
+    assert kernels.choose(_call(x, y, w, p, reduction=reduction)) is cpu
+    gap = kernels.flat_pattern(p if w is None else w, x.shape) is None
+    assert gap == ("gap" in case and "weight" in case)  # (the case really tests what it says)
     is_torch = isinstance(x, torch.Tensor)
     if is_torch:
         x = x.clone().requires_grad_() if x.is_contiguous() else x.detach().requires_grad_()
 
     def run():
-        loss = BCE(x, y, w, reduction=reduction)
+        loss = BCE(x, y, w, reduction=reduction, pos_weight=p)
         if not is_torch:
             return loss, None
         (g,) = torch.autograd.grad(loss.sum(), x)

@@ -3,12 +3,15 @@
 Three backends evaluate the same algorithm (:mod:`bcelogits._math`):
 
 - ``plain``: the formulas in array ops (torch or NumPy); any device, dtype, stride; differentiable.
-- ``cpu``: the fused one-pass numba kernel (:mod:`.cpu`) for contiguous float32/float64 CPU data.
+- ``cpu``: the fused one-pass numba kernel (:mod:`.cpu`) for CPU data. It reads contiguous float32/float64
+  data; everything else is staged for it first (:func:`_staged`: dense layouts permuted to their memory
+  order, other dtypes and strides copied, irregular weight broadcasts expanded).
 - ``triton``: the fused Triton kernel (:mod:`.triton`) for contiguous CUDA tensors.
 
-``auto`` (the default) picks the fused kernel when it can serve the call and ``plain`` otherwise. Force
-one with ``with bcelogits.kernels.use("plain"): ...`` or ``BCELOGITS_BACKEND=plain``; a forced kernel
-that cannot serve a call (a strided view, an unsupported dtype) still falls back to ``plain``, so
+``auto`` (the default) picks the fused kernel when it can serve the call and ``plain`` otherwise (other
+devices, torch.func transforms, tensor subclasses, jit tracing). Force one with
+``with bcelogits.kernels.use("plain"): ...`` or ``BCELOGITS_BACKEND=plain``; a forced kernel that cannot
+serve a call (a CUDA tensor forced to ``cpu``, a strided CUDA view) still falls back to ``plain``, so
 forcing never changes a result, only the route.
 """
 
@@ -162,8 +165,8 @@ def _choose(call):
     x, y = call.input, call.target
     if backend == "plain" or math.prod(call.shape) == 0:
         return None
-    if not call.is_torch:  # any dtype and layout (see _staged)
-        return _cpu_module() if backend in ("auto", "cpu") and _flat_weights(call) else None
+    if not call.is_torch:  # any dtype, layout and weight broadcast (see _staged)
+        return _cpu_module() if backend in ("auto", "cpu") else None
     torch = call.xp
     if torch.jit.is_tracing():  # torch.jit.trace records torch operators; a kernel call is not one
         return None
@@ -173,10 +176,7 @@ def _choose(call):
     if x.device.type == "cpu":
         if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return _triton_module(x.device) if contiguous and _flat_weights(call) else None
-        if backend in ("auto", "cpu"):  # any dtype and layout (see _staged)
-            order = None if contiguous else _cpu_order(call)
-            return _cpu_module() if _flat_weights(call, order) else None
-        return None
+        return _cpu_module() if backend in ("auto", "cpu") else None  # anything (see _staged)
     if x.device.type == "cuda" and backend in ("auto", "triton") and contiguous and _flat_weights(call):
         return _triton_module(x.device)
     return None
@@ -199,13 +199,10 @@ def _permute_weight(w, order):
     return w.reshape((1,) * (len(order) - w.ndim) + tuple(w.shape)).permute(order)
 
 
-def _flat_weights(call, order=None) -> bool:
-    """Can the kernels read the weights of ``call`` (in ``order``) as flat periodic patterns?"""
-    w, p, shape = call.weight, call.pos_weight, call.shape
-    if order is not None and order != tuple(range(len(order))):
-        w, p = _permute_weight(w, order), _permute_weight(p, order)
-        shape = tuple(shape[d] for d in order)
-    return flat_pattern(w, shape) is not None and flat_pattern(p, shape) is not None
+def _flat_weights(call) -> bool:
+    """Can the kernels read the weights of ``call`` as flat periodic patterns?"""
+    shape = call.shape
+    return flat_pattern(call.weight, shape) is not None and flat_pattern(call.pos_weight, shape) is not None
 
 
 def _cpu_order(call):
@@ -222,24 +219,31 @@ def _staged(call):
     dtype: permuted to the memory ``order`` of :func:`_cpu_order` (a view for a dense layout:
     channels_last, a transpose), and copied where that is not enough (16-bit or mixed dtypes, another
     layout, gaps or overlaps: one pass each, far cheaper than the plain path's many). Weights are
-    permuted with them. ``order`` is None when nothing was permuted; results computed for the staged call
-    go back with :func:`_unpermute`."""
-    x, y, dt = call.input, call.target, call.compute_dtype
-    if not call.is_torch:
-        if x.dtype == y.dtype == dt and x.flags.c_contiguous and y.flags.c_contiguous:
-            return call, None
-        c = _replace(call)
-        c.input, c.target = (np.ascontiguousarray(a, dtype=dt) for a in (x, y))
-        return c, None
-    if x.dtype == y.dtype == dt and x.is_contiguous() and y.is_contiguous():
+    permuted with them, and a weight whose broadcast is not a periodic pattern of the flat input (shape
+    (N, 1, W), ...) is expanded to the input's shape. ``order`` is None when nothing was permuted;
+    results computed for the staged call go back with :func:`_unpermute`."""
+    x, y, w, p, dt = call.input, call.target, call.weight, call.pos_weight, call.compute_dtype
+    if call.is_torch:
+        ready = x.dtype == y.dtype == dt and x.is_contiguous() and y.is_contiguous()
+    else:
+        ready = x.dtype == y.dtype == dt and x.flags.c_contiguous and y.flags.c_contiguous
+    if ready and ((w is None and p is None) or _flat_weights(call)):
         return call, None
-    order = _cpu_order(call)
+    order = _cpu_order(call) if call.is_torch else tuple(range(x.ndim))
+    identity = order == tuple(range(len(order)))
     c = _replace(call)
-    c.input, c.target = (a.permute(order).to(dt).contiguous() for a in (x, y))
-    if order == tuple(range(len(order))):
-        return c, None
-    c.weight, c.pos_weight = _permute_weight(call.weight, order), _permute_weight(call.pos_weight, order)
-    return c, order
+    if call.is_torch:
+        c.input, c.target = (a.permute(order).to(dt).contiguous() for a in (x, y))
+        if not identity:
+            c.weight, c.pos_weight = _permute_weight(w, order), _permute_weight(p, order)
+    else:
+        c.input, c.target = (np.asarray(a, dtype=dt, order="C") for a in (x, y))  # (0-d stays 0-d)
+    shape = c.shape
+    if flat_pattern(c.weight, shape) is None:
+        c.weight = c.xp.broadcast_to(c.weight, shape)  # read as a full-shape weight (copied flat)
+    if flat_pattern(c.pos_weight, shape) is None:
+        c.pos_weight = c.xp.broadcast_to(c.pos_weight, shape)
+    return c, None if identity else order
 
 
 def _unpermute(t, order):
