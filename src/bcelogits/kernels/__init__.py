@@ -312,7 +312,7 @@ def _kernel_args(call, kernel):
         flat = [a.reshape(-1) for a in (call.input, call.target)]
         w, p = (None if a is None else a.contiguous() for a in (w, p))
     else:
-        # Contiguous CPU tensors (see _choose) go to the numba kernel as they are: a NumPy view and its
+        # Contiguous CPU tensors (see _staged) go to the numba kernel as they are: a NumPy view and its
         # address would cost ~5 us per array, as much as the kernel on a small input.
         xy = (call.input, call.target)
         flat = xy if call.is_torch else [np.ascontiguousarray(a).reshape(-1) for a in xy]
@@ -368,7 +368,7 @@ def forward(call, want_grad: bool = False) -> Forward:
 
 
 def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
-    call, order = _staged(call)
+    call, order = (call, None) if _takes_tensors(kernel) else _staged(call)
     n = math.prod(call.shape)
     elementwise = call.reduction == "none"
     loss_out = _empty(call, call.compute_dtype) if elementwise else None
@@ -440,7 +440,7 @@ def backward_none(call, go):
 
 
 def _kernel_backward_none(call, kernel, go):
-    call, order = _staged(call)
+    call, order = (call, None) if _takes_tensors(kernel) else _staged(call)
     if order is not None:
         go = go.permute(order)
     grad = _empty(call, call.compute_dtype)
