@@ -190,6 +190,13 @@ class Call:
     def shape(self) -> tuple:
         return tuple(self.input.shape)
 
+    def with_arrays(self, input, target, weight, pos_weight) -> Call:
+        """The same call on other arrays (a shallow copy: dataclasses.replace costs more per call)."""
+        c = object.__new__(Call)
+        c.__dict__.update(self.__dict__)
+        c.input, c.target, c.weight, c.pos_weight = input, target, weight, pos_weight
+        return c
+
 
 def _autocast_on(torch, device_type: str) -> bool:
     """Is autocast enabled for this device type? (False for types autocast does not know, e.g. 'meta',

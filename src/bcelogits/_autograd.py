@@ -16,14 +16,6 @@ import torch
 from . import _math, kernels
 
 
-def _bind(call, x, y, w, p):
-    """``call`` with other arrays (a shallow copy; dataclasses.replace costs more per call)."""
-    c = object.__new__(type(call))
-    c.__dict__.update(call.__dict__)
-    c.input, c.target, c.weight, c.pos_weight = x, y, w, p
-    return c
-
-
 def _elementwise_grad(call, which: str):
     """d loss_i / d (input or target)_i in differentiable torch ops, in the compute dtype."""
     x, y = call.input.to(call.compute_dtype), call.target.to(call.compute_dtype)
@@ -58,14 +50,14 @@ class BCEWithLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, y, w, p, call, fuse_grad):
-        fwd = kernels.forward(_bind(call, x, y, w, p), want_grad=fuse_grad)
+        fwd = kernels.forward(call.with_arrays(x, y, w, p), want_grad=fuse_grad)
         return fwd.loss, fwd.grad, fwd.pending
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, y, w, p, call, _ = inputs
         _, grad, pending = output
-        ctx.call = _bind(call, None, None, None, None)
+        ctx.call = call.with_arrays(None, None, None, None)
         ctx.save_for_backward(x, y, w, p)
         ctx.save_for_forward(x, y, w, p)
         # Not saved with save_for_backward: backward scales it in place and hands it over.
@@ -79,7 +71,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         if go is None:  # grads are not materialized: no gradient flowed into the loss
             return None, None, None, None, None, None
         x, y, w, p = ctx.saved_tensors
-        call = _bind(ctx.call, x, y, w, p)
+        call = ctx.call.with_arrays(x, y, w, p)
         gx = gy = None
         if ctx.needs_input_grad[0]:
             if _differentiable_backward(go, x, y):
@@ -96,7 +88,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx, dy, _dw, _dp, _dcall, _dfuse):
         x, y, w, p = ctx.saved_tensors
-        call = _bind(ctx.call, x, y, w, p)
+        call = ctx.call.with_arrays(x, y, w, p)
         t = torch.zeros(call.shape, dtype=call.compute_dtype, device=x.device)
         if dx is not None:
             t = t + _elementwise_grad(call, "input") * dx.to(call.compute_dtype)

@@ -231,13 +231,13 @@ def _staged(call):
         return call, None
     order = _cpu_order(call) if call.is_torch else tuple(range(x.ndim))
     identity = order == tuple(range(len(order)))
-    c = _replace(call)
     if call.is_torch:
-        c.input, c.target = (a.permute(order).to(dt).contiguous() for a in (x, y))
+        x, y = (a.permute(order).to(dt).contiguous() for a in (x, y))
         if not identity:
-            c.weight, c.pos_weight = _permute_weight(w, order), _permute_weight(p, order)
+            w, p = _permute_weight(w, order), _permute_weight(p, order)
     else:
-        c.input, c.target = (np.asarray(a, dtype=dt, order="C") for a in (x, y))  # (0-d stays 0-d)
+        x, y = (np.asarray(a, dtype=dt, order="C") for a in (x, y))  # (0-d stays 0-d)
+    c = call.with_arrays(x, y, w, p)
     shape = c.shape
     if flat_pattern(c.weight, shape) is None:
         c.weight = c.xp.broadcast_to(c.weight, shape)  # read as a full-shape weight (copied flat)
@@ -252,13 +252,6 @@ def _unpermute(t, order):
     if t is None or order is None:
         return t
     return t.permute(sorted(range(len(order)), key=order.__getitem__))
-
-
-def _replace(call):
-    """A shallow copy of ``call`` (its arrays are then replaced)."""
-    c = object.__new__(type(call))
-    c.__dict__.update(call.__dict__)
-    return c
 
 
 # --------------------------------------------------------------------------------------------- running
