@@ -193,7 +193,7 @@ def test_other_cpu_dtypes_and_layouts_are_staged_for_the_kernel(case, reduction)
     with kernels.use("plain"):
         want, gw = run()
     out_dt = want.dtype
-    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, np.float16: 1e-3}.get(out_dt, 2e-6)
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, np.dtype(np.float16): 1e-3}.get(out_dt, 2e-6)
     if not is_torch:
         np.testing.assert_allclose(got, want, rtol=tol, atol=0)
         assert got.dtype == want.dtype and got.shape == want.shape
