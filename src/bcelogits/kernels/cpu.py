@@ -56,7 +56,7 @@ import numpy as np
 
 from .._math import SMALL_SIDE_LINEAR
 
-__all__ = ["available", "forward", "backward_none", "unavailable_reason", "BLOCK"]
+__all__ = ["available", "forward", "backward_none", "prepare", "unavailable_reason", "BLOCK"]
 
 #: Elements per block: the unit of work of a thread and of a partial sum.
 BLOCK = 4096
@@ -852,16 +852,34 @@ def _kernel(dt, mode, focal, uses):
         name = f"work_{'f8' if is64 else 'f4'}_{mode}{'_focal' if focal else ''}_{uses}"
         k = _cache_key(name)
         fn = _objcache.load(k, None, _C_ARGS)
+        _origin[spec] = "cached"
         if fn is None:
             try:
                 cf = _compile(is64, mode, focal, uses)
             except Exception as exc:
                 raise KernelBuildError(f"{type(exc).__name__}: {exc}") from exc
             _compiled.append(cf)
-            _objcache.store(k, cf)
+            _origin[spec] = "compiled and stored" if _objcache.store(k, cf) else "compiled (not stored)"
             fn = ctypes.CFUNCTYPE(None, *_C_ARGS)(cf.address)
         fn = _kernels[spec] = (fn, ctypes.cast(fn, ctypes.c_void_p).value)
     return fn
+
+
+_origin: dict = {}  # spec -> how this process got its kernel (see prepare)
+
+
+def prepare(dtype, mode: int, focal: bool, uses: str) -> str:
+    """Make one specialisation ready (load it from the on-disk cache, or compile and store it) and say
+    how: "cached", "compiled and stored", "compiled (not stored)" or "in memory" (already loaded by this
+    process). ``dtype``: float32 or float64; ``mode``: 0 loss only, 1 loss and gradient, 2 the gradient
+    of reduction='none'; ``uses``: which of weight ``w``, pos_weight ``p``, label smoothing ``s``,
+    ignore_index ``i`` (in that order, "" for none). Used by ``bcelogits warmup``."""
+    dt = np.dtype(dtype)
+    spec = (dt.char, mode, focal, uses)
+    if spec in _kernels:
+        return "in memory"
+    _kernel(dt, mode, focal, uses)
+    return _origin[spec]
 
 
 def available() -> bool:
