@@ -524,7 +524,7 @@ def _block_weights(src, inner, ext, buf, s, m):
     j = g % src.size
     k = 0
     while k < m:
-        run = min(inner - off, m - k)
+        run = inner - off if inner - off < m - k else m - k
         v = src[j]
         for q in range(k, k + run):
             buf[q] = v
@@ -626,9 +626,10 @@ def _make_worker(mode, focal, uses):
 
     Each thread of a call runs the worker: it claims ``_CHUNK`` blocks at a time from the shared counter
     ``ctr[0]`` until none are left, so a thread slowed down (by another process, or by torch's OpenMP
-    threads still spinning after the previous operator) simply processes fewer blocks. ``part[:, b]``
-    receives block ``b``'s (loss sum, count, weight sum), whichever thread computed it. ``flags``: 1 write
-    ``lo``, 2 loss sum, 4 ignore active."""
+    threads still spinning after the previous operator) simply processes fewer blocks. ``part`` (3 rows of
+    ``nb``, kept flat: one array type fewer to compile) receives block ``b``'s loss sum, count and weight
+    sum at ``b``, ``nb + b`` and ``2 nb + b``, whichever thread computed it. ``flags``: 1 write ``lo``,
+    2 loss sum, 4 ignore active."""
     has_w, has_p, has_ls, has_ig = ("w" in uses), ("p" in uses), ("s" in uses), ("i" in uses)
 
     def work(x, y, w, p, go, lo, gr, part, wext, pext, scratch, ctr, ls, ig, gamma, gscale, wi, pi, flags):
@@ -653,9 +654,11 @@ def _make_worker(mode, focal, uses):
             c = _fetch_add(ctr, _CHUNK)
             if c >= nb:
                 break
-            for b in range(c, min(c + _CHUNK, nb)):
+            end = c + _CHUNK
+            for b in range(c, nb if end > nb else end):  # (no min() in compiled code: its overload is
+                # one more function to compile on first use)
                 s = b * BLOCK
-                m = min(BLOCK, n - s)
+                m = n - s if n - s < BLOCK else BLOCK
                 xs = x[s : s + m]
                 ys = y[s : s + m]
                 if has_w:
@@ -676,10 +679,10 @@ def _make_worker(mode, focal, uses):
                 else:
                     _outlined(_loop_go, (xs, hv, ys, wv, pv, go[s : s + m], gr[s : s + m], k1, k0, igT, gT))
                 if mode != 2 and flags & 2:
-                    part[0, b] = _loss_sum(lv)
+                    part[b] = _loss_sum(lv)
                 if has_ig:
                     if mode != 2 and flags & 4:
-                        part[1, b], part[2, b] = _kept_sums(ys, wv, igT)
+                        part[nb + b], part[2 * nb + b] = _kept_sums(ys, wv, igT)
 
     work.__name__ = work.__qualname__ = f"_work_{mode}{'f' if focal else ''}_{uses}"
     return work
@@ -721,7 +724,7 @@ def _make_entry(work, is64):
             carray(_voidptr(a[0]), (a[1],), F), carray(_voidptr(a[2]), (a[3],), F),
             carray(_voidptr(a[4]), (a[5],), F), carray(_voidptr(a[6]), (a[7],), F),
             carray(_voidptr(a[8]), (a[9],), F), carray(_voidptr(a[10]), (a[11],), F),
-            carray(_voidptr(a[12]), (a[13],), F), carray(_voidptr(a[14]), (3, a[15] // 3), np.float64),
+            carray(_voidptr(a[12]), (a[13],), F), carray(_voidptr(a[14]), (a[15],), np.float64),
             carray(_voidptr(a[16]), (a[17],), F), carray(_voidptr(a[18]), (a[19],), F),
             scratch, carray(_voidptr(a[_A_CTR]), (1,), i64),
             d[_A_FLOATS], d[_A_FLOATS + 1], d[_A_FLOATS + 2], d[_A_FLOATS + 3],
