@@ -123,7 +123,7 @@ def _needs_autograd(call, grad_enabled: bool) -> bool:
     """Does the loss need the autograd Function: the input or target requires grad (with grad mode on;
     weights that require grad are rejected in _args), or forward-mode AD is in use (a ``dual_level`` is
     open: tangents exist only inside one)?"""
-    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:  # (private; if gone: assume so)
+    if kernels.forward_ad_active(torch):
         return True
     return grad_enabled and (call.input.requires_grad or call.target.requires_grad)
 

@@ -150,8 +150,13 @@ def plain_tensor(t, torch) -> bool:
         functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)  # vmap'd backward
     ):
         return False
-    fwd_ad = torch.autograd.forward_ad  # tangents exist only inside a dual level (private; if gone: look)
-    return getattr(fwd_ad, "_current_level", 0) < 0 or fwd_ad.unpack_dual(t).tangent is None
+    return not forward_ad_active(torch) or torch.autograd.forward_ad.unpack_dual(t).tangent is None
+
+
+def forward_ad_active(torch) -> bool:
+    """Is a forward-mode AD ``dual_level`` open (tangents exist only inside one)? Read from torch's
+    private level counter; if that is ever gone, assume one is."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
 
 
 def choose(call):
@@ -219,15 +224,14 @@ def _staged(call):
     dtype: permuted to the memory ``order`` of :func:`_cpu_order` (a view for a dense layout:
     channels_last, a transpose), and copied where that is not enough (16-bit or mixed dtypes, another
     layout, gaps or overlaps: one pass each, far cheaper than the plain path's many). Weights are
-    permuted with them, and a weight whose broadcast is not a periodic pattern of the flat input (shape
-    (N, 1, W), ...) is expanded to the input's shape. ``order`` is None when nothing was permuted;
+    permuted with them (:func:`_kernel_args` reads them). ``order`` is None when nothing was permuted;
     results computed for the staged call go back with :func:`_unpermute`."""
     x, y, w, p, dt = call.input, call.target, call.weight, call.pos_weight, call.compute_dtype
     if call.is_torch:
         ready = x.dtype == y.dtype == dt and x.is_contiguous() and y.is_contiguous()
     else:
         ready = x.dtype == y.dtype == dt and x.flags.c_contiguous and y.flags.c_contiguous
-    if ready and ((w is None and p is None) or _flat_weights(call)):
+    if ready:
         return call, None
     order = _cpu_order(call) if call.is_torch else tuple(range(x.ndim))
     identity = order == tuple(range(len(order)))
@@ -237,13 +241,7 @@ def _staged(call):
             w, p = _permute_weight(w, order), _permute_weight(p, order)
     else:
         x, y = (np.asarray(a, dtype=dt, order="C") for a in (x, y))  # (0-d stays 0-d)
-    c = call.with_arrays(x, y, w, p)
-    shape = c.shape
-    if flat_pattern(c.weight, shape) is None:
-        c.weight = c.xp.broadcast_to(c.weight, shape)  # read as a full-shape weight (copied flat)
-    if flat_pattern(c.pos_weight, shape) is None:
-        c.pos_weight = c.xp.broadcast_to(c.pos_weight, shape)
-    return c, None if identity else order
+    return call.with_arrays(x, y, w, p), None if identity else order
 
 
 def _unpermute(t, order):
@@ -299,8 +297,8 @@ def _takes_tensors(kernel) -> bool:
 def _kernel_args(call, kernel):
     """Flat views of x, y and the (array, inner) form of the weights, in what ``kernel`` takes."""
     torch_kernel = _takes_tensors(kernel)
-    w, w_inner = flat_pattern(call.weight, call.shape)
-    p, p_inner = flat_pattern(call.pos_weight, call.shape)
+    w, w_inner = _weight_pattern(call.weight, call)
+    p, p_inner = _weight_pattern(call.pos_weight, call)
     if torch_kernel:
         flat = [a.reshape(-1) for a in (call.input, call.target)]
         w, p = (None if a is None else a.contiguous() for a in (w, p))
@@ -311,6 +309,14 @@ def _kernel_args(call, kernel):
         flat = xy if call.is_torch else [np.ascontiguousarray(a).reshape(-1) for a in xy]
         w, p = (_as_kernel_array(a, call.is_torch) for a in (w, p))
     return (*flat, w, w_inner, p, p_inner)
+
+
+def _weight_pattern(w, call):
+    """:func:`flat_pattern` of a weight; one whose broadcast is not periodic in the flat input (shape
+    (N, 1, W) on an (N, C, W) input) is expanded to the input's shape and read as a full weight (one
+    copy). Only the CPU kernel meets those: the Triton route takes periodic weights only (_choose)."""
+    got = flat_pattern(w, call.shape)
+    return got if got is not None else (call.xp.broadcast_to(w, call.shape).reshape(-1), 1)
 
 
 def _denominator(call, count, wsum):
