@@ -47,3 +47,16 @@ def test_warmup_stores_kernels_that_later_calls_load_without_numba(tmp_path):
         "print('numba imported:', 'numba' in sys.modules)\n"
     )
     assert "numba imported: False" in _run(call, tmp_path)
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    """`bcelogits compare | head -3` must not end in a BrokenPipeError traceback. The reader is gone
+    before the first line is written (the child is still importing torch), so every write fails."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from bcelogits import cli; sys.exit(cli.main(['compare']))"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

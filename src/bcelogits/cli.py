@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import sys
 from decimal import Decimal, getcontext
 
@@ -193,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="every option combination, focal included (minutes)")
     p.set_defaults(func=warmup)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # the reader went away (`bcelogits compare | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so exit's flush cannot fail)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
