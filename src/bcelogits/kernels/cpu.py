@@ -17,7 +17,7 @@ has no vector math library here (no SVML), so ``exp`` and ``log1p`` are written 
 range reductions plus minimax polynomials, with ``2**k`` built from the exponent bits. Everything is
 computed in the input dtype with dtype-exact constants and explicit ``fma``; no fast-math flag is set
 on any element computation (only the float64 block sums carry 'reassoc'), so NaN and infinities
-propagate exactly as in the reference. Measured accuracy against mpmath: at most about 3e-7 relative in
+propagate exactly as in the reference. Measured accuracy against mpmath: at most about 2.2e-7 relative in
 float32 and 5e-16 in float64, loss and gradient.
 
 Work split: the flat input is cut into fixed blocks of :data:`BLOCK` elements. A call runs on up to
@@ -92,6 +92,9 @@ _EXP64 = (
 # The same for exp(-u/2) as a polynomial in u (coefficient of u^(j+2): P_j (-1/2)^(j+2), exact scalings).
 _EXP32U = tuple(c * (-0.5) ** (j + 2) for j, c in enumerate(_EXP32))
 _EXP64U = tuple(c * (-0.5) ** (j + 2) for j, c in enumerate(_EXP64))
+# The coefficients of exp(-u/2), 1 and -1/2 first, times 2**-32 / 2**-64 (see _half_exp; exact).
+_EXP32US = tuple(c * 2.0**-32 for c in (1.0, -0.5, *_EXP32U))
+_EXP64US = tuple(c * 2.0**-64 for c in (1.0, -0.5, *_EXP64U))
 # 2 atanh(s) = 2s + 2s z Q(z), z = s^2 in [0, 1/9], Q = (Q0, Q1, ...); max relative error 5e-9 / 1e-18.
 _LOG32 = (0.33333206564805007, 0.2001084959436607, 0.13999569703293127, 0.14012232824624316)
 _LOG64 = (
@@ -347,24 +350,26 @@ def _exp_poly(r):
 
 
 def _exp_poly_u(u):
-    """``exp(-u/2)`` for ``|u| <= ln2``: the :data:`_EXP32` / :data:`_EXP64` polynomial at ``r = -u/2`` with
-    the coefficients scaled by powers of -1/2 (exact), evaluated by Estrin's scheme (pairs of terms, then
-    powers of ``u^2``): two multiplies more than Horner's rule but a dependency chain about half as long,
-    which measured faster in this kernel (1.21 against 1.28 ns per element and core)."""
-    one = _k(u, 1.0, 1.0)
-    p01 = _fma(u, _k(u, -0.5, -0.5), one)
-    u2 = u * u
+    """``2**-off * exp(-u/2)`` for ``|u| <= ln2`` (``off`` = 32 in float32, 64 in float64; see
+    :func:`_half_exp`): the :data:`_EXP32U` / :data:`_EXP64U` polynomial with every coefficient times
+    ``2**-off`` (exact: no product comes near the underflow threshold), so the final scaling by ``2**k``
+    is one multiply. float32 by Horner's rule: 6 fused multiply-adds, and with the folded scale 10
+    multiplications per element for the whole exponential instead of 13; in its own loop the long
+    dependency chain does not matter (loss only, one core, 2.6e5 elements: 4-5 % faster per element than
+    Estrin's scheme, and the float32 worst case on the accuracy grid fell from 3.1e-7 to 2.2e-7).
+    float64 by Estrin's scheme (pairs of terms, then powers of ``u^2``): Horner's rule measured no faster."""
     if _is64(u):
-        c = _EXP64U
+        c = _EXP64US
+        u2 = u * u
         u4 = u2 * u2
-        q03 = _fma(u2, _fma(u, _cast(u, c[1]), _cast(u, c[0])), p01)
-        q47 = _fma(u2, _fma(u, _cast(u, c[5]), _cast(u, c[4])), _fma(u, _cast(u, c[3]), _cast(u, c[2])))
-        q811 = _fma(u2, _fma(u, _cast(u, c[9]), _cast(u, c[8])), _fma(u, _cast(u, c[7]), _cast(u, c[6])))
+        q03 = _fma(u2, _fma(u, _cast(u, c[3]), _cast(u, c[2])), _fma(u, _cast(u, c[1]), _cast(u, c[0])))
+        q47 = _fma(u2, _fma(u, _cast(u, c[7]), _cast(u, c[6])), _fma(u, _cast(u, c[5]), _cast(u, c[4])))
+        q811 = _fma(u2, _fma(u, _cast(u, c[11]), _cast(u, c[10])), _fma(u, _cast(u, c[9]), _cast(u, c[8])))
         return _fma(u4 * u4, q811, _fma(u4, q47, q03))
-    c = _EXP32U
-    q03 = _fma(u2, _fma(u, _k(u, c[1], 0.0), _k(u, c[0], 0.0)), p01)
-    q46 = _fma(u2, _k(u, c[4], 0.0), _fma(u, _k(u, c[3], 0.0), _k(u, c[2], 0.0)))
-    return _fma(u2 * u2, q46, q03)
+    q = _k(u, _EXP32US[-1], 0.0)
+    for c in _EXP32US[-2::-1]:
+        q = _fma(q, u, _k(u, c, 0.0))
+    return q
 
 
 def _log1p01(e):
@@ -427,10 +432,10 @@ def _half_exp(x):
     """``h = exp(-|x|/2)``: the one exponential of an element, computed in a pass of its own over a block
     (see :func:`_loop_h`).
 
-    h = exp(t), t = max(-a/2, lo) (NaN kept), t = k ln2 + r, h = (2^(k+off) exp(r)) 2^-off, the last
-    product rounding once into the denormal range. Computed from u = -2r = ac + 2k ln2 with
-    ac = min(a, -2 lo): the constants carry the exact factors -1/2, so no product -a/2 is formed and
-    every rounding is that of the t, r formulation."""
+    h = exp(t), t = max(-a/2, lo) (NaN kept), t = k ln2 + r, h = (2^-off exp(r)) 2^(k+off): both factors
+    are normal numbers, and the product rounds once into the denormal range. Computed from
+    u = -2r = ac + 2k ln2 with ac = min(a, -2 lo): the constants carry the exact factors -1/2, so no
+    product -a/2 is formed and every rounding is that of the t, r formulation."""
     a = abs(x)
     hi = _k(x, 208.0, 1492.0)
     ac = hi if a > hi else a
@@ -440,7 +445,7 @@ def _half_exp(x):
     u = _fma(kf, _k(x, 2.0 * _LN2_HI32, 2.0 * _LN2_HI64), ac)
     u = _fma(kf, _k(x, 2.0 * _LN2_LO32, 2.0 * _LN2_LO64), u)
     off = 64 if _is64(x) else 32
-    return (_exp_poly_u(u) * _pow2(z, off)) * _pow2(magic, -off)
+    return _exp_poly_u(u) * _pow2(z, off)
 
 
 def _core(x, y, w, p, k1, k0, h):
