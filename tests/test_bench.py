@@ -135,3 +135,32 @@ def test_cells_and_labels():
     assert bench._small_shape((1, 2**24), 2**20) == (1, 2**20)
     with pytest.raises(ValueError):
         bench.Cell((3,), "bogus")
+
+
+def test_min_time_adds_rounds_up_to_the_cap(monkeypatch):
+    cells = [bench.Cell((64, 32), "none", "fwd")]
+    monkeypatch.setattr(bench, "MAX_ROUNDS", 7)
+    # a minimum time never reached: rounds stop at the cap
+    (row,) = bench.run(cells, repeats=2, min_s=1e9, memory=False, progress=False).rows
+    assert row.rounds == 7
+    # a minimum time already reached after the required rounds: exactly those
+    (row,) = bench.run(cells, repeats=2, min_s=1e-9, memory=False, progress=False).rows
+    assert row.rounds == 2
+
+
+def test_default_full_cpu_run_measures_cells_for_a_minimum_time(monkeypatch):
+    seen = []
+
+    def fake_run(cells, repeats, **kw):
+        seen.append((repeats, kw["min_s"], kw["budget_s"]))
+        return bench.RunResult([], [], False)
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert bench.main(_args(repeats=None)) == 0
+    assert bench.main(_args(repeats=None, quick=True)) == 0
+    assert bench.main(_args(repeats=4)) == 0
+    assert seen == [
+        (bench.DEFAULT_REPEATS["full"], bench.CELL_MIN_S, bench.CELL_BUDGET_S),
+        (bench.DEFAULT_REPEATS["quick"], None, None),
+        (4, None, None),
+    ]

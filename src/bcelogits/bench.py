@@ -49,6 +49,10 @@ CUDA_SHAPES = [(4096, 4096), (64, 80, 128, 128), (16384, 16384)]
 DEFAULT_REPEATS = {"full": 5, "quick": 3, "cuda": 20}
 MIN_ROUNDS = 3  # with the time budget, a cell stops after this many rounds once it has used its budget
 CELL_BUDGET_S = 60.0  # per cell, full CPU run, when --repeats is not given
+# Full CPU run without --repeats: a cell keeps measuring until it has spent this long (at most MAX_ROUNDS
+# rounds), so that small, fast cells get many rounds: their times are the noisiest on a shared machine.
+CELL_MIN_S = 2.0
+MAX_ROUNDS = 60
 WARM_ELEMENTS = 2**20  # CPU warm-up size (JIT compilation, lazy initialisation) before a cell's rounds
 MEM_WARM_ELEMENTS = 2**12  # memory child: warm-up small enough not to leave input-sized free memory behind
 CHUNK = 2**22  # elements per chunk when comparing gradients in float64
@@ -508,10 +512,12 @@ def run(
     memory: bool = True,
     threads: int | None = None,
     budget_s: float | None = CELL_BUDGET_S,
+    min_s: float | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> RunResult:
-    """Measure ``cells``. ``repeats`` rounds per cell (default by device); with ``budget_s`` a cell stops
+    """Measure ``cells``. ``repeats`` rounds per cell (default by device); with ``min_s`` more rounds, up
+    to :data:`MAX_ROUNDS`, until the cell has spent that many seconds; with ``budget_s`` a cell stops
     after :data:`MIN_ROUNDS` rounds once it has spent that many seconds."""
     import torch
 
@@ -553,7 +559,7 @@ def run(
                     notes.append(f"{tag}: float64 reference skipped ({type(exc).__name__})")
                     _free_cuda(device)
             try:
-                row = _measure_cell(cell, inp, ref, fns, repeats, budget_s, device, sync, backend)
+                row = _measure_cell(cell, inp, ref, fns, (repeats, min_s, budget_s), device, sync, backend)
             except _oom_errors() as exc:
                 notes.append(f"{tag}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
                 inp.x.grad = None
@@ -606,7 +612,9 @@ def _collect(inp: Inputs | None) -> None:
         gc.collect()
 
 
-def _measure_cell(cell, inp, ref, fns, repeats, budget_s, device, sync, backend) -> Row:
+def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
+    """One cell's rounds; ``rule = (repeats, min_s, budget_s)`` (see :func:`run`)."""
+    repeats, min_s, budget_s = rule
     x = inp.x
     fb = cell.mode == "fwd+bwd"
     x.requires_grad_(fb)
@@ -632,7 +640,10 @@ def _measure_cell(cell, inp, ref, fns, repeats, budget_s, device, sync, backend)
 
     rounds, errs = [], {}
     t_start = time.perf_counter()
-    for r in range(repeats):
+    for r in range(max(repeats, MAX_ROUNDS) if min_s else repeats):
+        spent = time.perf_counter() - t_start
+        if r >= repeats and spent >= min_s:
+            break
         times = {}
         for lib in LIBS if r % 2 == 0 else LIBS[::-1]:
             t, loss = call_once(fns[lib], inp, _kwargs(inp, lib), cell.mode, sync)
@@ -790,7 +801,9 @@ loss + loss.backward() with x.grad = None before each round. floor: torch.add(x,
 input's size (what producing any input-sized tensor costs: mostly first-touch page faults on big tensors).
 peak extra mem: resident high-water mark of one call (fresh process) above the inputs, in input-sized
 tensors; the gradient itself is 1. max err vs torch float64 on the same inputs: fwd rows the loss (relative),
-fwd+bwd rows the gradient (max abs error / max abs gradient); loss errors of fwd+bwd are in the CSV."""
+fwd+bwd rows the gradient (max abs error / max abs gradient); loss errors of fwd+bwd are in the CSV.
+rounds per cell (in the CSV): by default at least 5, and more until the cell has measured for 2 s (at
+most 60); --quick: 3; --repeats N: exactly N."""
 
 FOOTNOTES_CUDA = """\
 speed-up: median over rounds of torch time / bcelogits time in the same round (> 1: bcelogits is faster);
@@ -985,9 +998,11 @@ def main(args) -> int:
     )
     if repeats is None:
         repeats = DEFAULT_REPEATS["cuda" if device == "cuda" else "quick" if quick else "full"]
-        budget = None if device == "cuda" or quick else CELL_BUDGET_S
-    else:
-        budget = None
+        full_cpu = device != "cuda" and not quick
+        budget = CELL_BUDGET_S if full_cpu else None
+        min_s = CELL_MIN_S if full_cpu else None
+    else:  # exactly the rounds asked for
+        budget = min_s = None
     memory = getattr(args, "memory", None)
     memory = (not quick) if memory is None else bool(memory)
 
@@ -998,6 +1013,7 @@ def main(args) -> int:
         memory=memory,
         threads=getattr(args, "threads", None),
         budget_s=budget,
+        min_s=min_s,
         progress=getattr(args, "progress", True),
     )
     title = (

@@ -180,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--plot", metavar="FILE.png", help="also draw the speed-ups as a chart")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (median reported)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds per cell, exactly (median reported). Default: at least 5, and more until a "
+        "cell has measured for 2 s (at most 60); 3 with --quick",
+    )
     p.add_argument(
         "--sizes",
         default=None,
