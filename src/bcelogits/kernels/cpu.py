@@ -310,22 +310,35 @@ def _i_outlined(typingctx, fn, args):
     return sig.return_type(fn, args), codegen
 
 
-def _i_voidptr(typingctx, addr):
-    """The integer ``addr`` as a ``void *``."""
-    from llvmlite import ir
+def _i_array(typingctx, addr, n, dtype):
+    """The 1-D C-contiguous array of ``n`` elements of ``dtype`` at ``addr`` (an integer address or a
+    ``void *``): what ``numba.carray`` gives, without its overload, which is one more function per dtype
+    to compile on first use."""
     from numba.core import types
+    from numba.np.arrayobj import make_array, populate_array
 
-    if not isinstance(addr, types.Integer):
+    ok = isinstance(addr, (types.Integer, types.RawPointer)) and isinstance(n, types.Integer)
+    if not ok or not isinstance(dtype, types.NumberClass):
         return None
+    aryty = types.Array(dtype.dtype, 1, "C")
 
     def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        ary = make_array(aryty)(context, builder)
+        lt = context.get_data_type(dtype.dtype)
+        size = context.get_constant(types.intp, context.get_abi_sizeof(lt))
+        length = context.cast(builder, args[1], sig.args[1], types.intp)
+        if isinstance(sig.args[0], types.Integer):
+            data = builder.inttoptr(context.cast(builder, args[0], sig.args[0], types.intp), lt.as_pointer())
+        else:
+            data = builder.bitcast(args[0], lt.as_pointer())
+        populate_array(ary, data=data, shape=[length], strides=[size], itemsize=size, meminfo=None)
+        return ary._getvalue()
 
-    return types.voidptr(addr), codegen
+    return aryty(addr, n, dtype), codegen
 
 
 # The names the compiled code calls; _build() binds them to numba intrinsics made from the functions above.
-_fma = _k = _cast = _radd = _is64 = _pow2 = _scale2 = _logsplit = _fetch_add = _outlined = _voidptr = None
+_fma = _k = _cast = _radd = _is64 = _pow2 = _scale2 = _logsplit = _fetch_add = _outlined = _array = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -707,29 +720,28 @@ def _slot_bytes(is64):
 
 def _make_entry(work, is64):
     """The C entry point ``entry(args)`` around ``work``: ``args`` points to the int64 argument block
-    (see ``_A_*``); arrays are made from its addresses with ``carray``. Every thread of a call runs
+    (see ``_A_*``); arrays are made from its addresses with :func:`_i_array`. Every thread of a call runs
     ``entry`` on the same block: it takes a scratch slot from the slot counter, then claims blocks."""
-    carray = _numba.carray
     F = np.float64 if is64 else np.float32
     i64 = np.int64
     slot_bytes = _slot_bytes(is64)
 
     def entry(args):
-        a = carray(args, (_A_SIZE,), i64)
-        d = carray(args, (_A_SIZE,), np.float64)
-        slot = _fetch_add(carray(_voidptr(a[_A_CTR + 1]), (1,), i64), 1)
+        a = _array(args, _A_SIZE, i64)
+        d = _array(args, _A_SIZE, np.float64)
+        slot = _fetch_add(_array(a[_A_CTR + 1], 1, i64), 1)
         if slot >= a[_A_SLOTS]:  # more threads than scratch slots: this one has nothing to do
             return
-        scratch = carray(_voidptr(a[20] + slot * slot_bytes), (4 * BLOCK,), F)
+        scratch = _array(a[20] + slot * slot_bytes, 4 * BLOCK, F)
         # (The worker raises nothing; calling it this way lets LLVM drop the generic exception
         # handling of the C wrapper, which would tie the object code to numba's runtime.)
         _outlined(work, (
-            carray(_voidptr(a[0]), (a[1],), F), carray(_voidptr(a[2]), (a[3],), F),
-            carray(_voidptr(a[4]), (a[5],), F), carray(_voidptr(a[6]), (a[7],), F),
-            carray(_voidptr(a[8]), (a[9],), F), carray(_voidptr(a[10]), (a[11],), F),
-            carray(_voidptr(a[12]), (a[13],), F), carray(_voidptr(a[14]), (a[15],), np.float64),
-            carray(_voidptr(a[16]), (a[17],), F), carray(_voidptr(a[18]), (a[19],), F),
-            scratch, carray(_voidptr(a[_A_CTR]), (1,), i64),
+            _array(a[0], a[1], F), _array(a[2], a[3], F),
+            _array(a[4], a[5], F), _array(a[6], a[7], F),
+            _array(a[8], a[9], F), _array(a[10], a[11], F),
+            _array(a[12], a[13], F), _array(a[14], a[15], np.float64),
+            _array(a[16], a[17], F), _array(a[18], a[19], F),
+            scratch, _array(a[_A_CTR], 1, i64),
             d[_A_FLOATS], d[_A_FLOATS + 1], d[_A_FLOATS + 2], d[_A_FLOATS + 3],
             a[_A_INTS], a[_A_INTS + 1], a[_A_INTS + 2],
         ))  # fmt: skip
@@ -743,7 +755,7 @@ def _make_entry(work, is64):
 
 _INTRINSICS = (
     "_fma", "_k", "_cast", "_radd", "_is64", "_pow2", "_scale2", "_logsplit", "_fetch_add", "_outlined",
-    "_voidptr",
+    "_array",
 )  # fmt: skip
 # LLVM alwaysinline:
 _INLINE = (
