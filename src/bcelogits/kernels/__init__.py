@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .. import _math
+from . import _hugepages
 
 BACKENDS = ("auto", "plain", "cpu", "triton")
 _DEFAULT = os.environ.get("BCELOGITS_BACKEND", "auto") or "auto"
@@ -236,7 +237,7 @@ def _staged(call):
     order = _cpu_order(call) if call.is_torch else tuple(range(x.ndim))
     identity = order == tuple(range(len(order)))
     if call.is_torch:
-        x, y = (a.permute(order).to(dt).contiguous() for a in (x, y))
+        x, y = (_contiguous_as(a.permute(order), dt) for a in (x, y))
         if not identity:
             w, p = _permute_weight(w, order), _permute_weight(p, order)
     else:
@@ -283,9 +284,22 @@ def _as_kernel_array(a, is_torch: bool):
 
 
 def _empty(call, dtype):
+    """A new output of the call's shape (huge pages asked for on big CPU tensors: see _hugepages; NumPy
+    asks for them itself)."""
     if call.is_torch:
-        return call.xp.empty(call.shape, dtype=dtype, device=call.input.device)
+        out = call.xp.empty(call.shape, dtype=dtype, device=call.input.device)
+        _hugepages.advise_tensor(out)
+        return out
     return np.empty(call.shape, dtype=dtype)
+
+
+def _contiguous_as(a, dtype):
+    """``a.to(dtype).contiguous()`` for a CPU tensor, the copy (if one is needed) with huge pages."""
+    if a.dtype == dtype and a.is_contiguous():
+        return a
+    out = a.new_empty(a.shape, dtype=dtype)
+    _hugepages.advise_tensor(out)
+    return out.copy_(a)
 
 
 def _takes_tensors(kernel) -> bool:
