@@ -798,7 +798,8 @@ FOOTNOTES_CPU = """\
 speed-up: median over rounds of torch time / bcelogits time in the same round (> 1: bcelogits is faster);
 times are medians; torch and bcelogits alternate which goes first. fwd: under torch.no_grad(); fwd+bwd:
 loss + loss.backward() with x.grad = None before each round. floor: torch.add(x, y) into a fresh tensor of the
-input's size (what producing any input-sized tensor costs: mostly first-touch page faults on big tensors).
+input's size (what producing an input-sized tensor costs with torch's allocator: mostly first-touch page
+faults on big tensors; bcelogits asks for huge pages for its own big outputs, which makes it cheaper).
 peak extra mem: resident high-water mark of one call (fresh process) above the inputs, in input-sized
 tensors; the gradient itself is 1. max err vs torch float64 on the same inputs: fwd rows the loss (relative),
 fwd+bwd rows the gradient (max abs error / max abs gradient); loss errors of fwd+bwd are in the CSV.
