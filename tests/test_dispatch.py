@@ -398,8 +398,7 @@ def test_kernel_build_failure_falls_back_once(monkeypatch, reduction):
     def broken(*args, **kwargs):
         raise numba.core.errors.TypingError("simulated build failure")
 
-    monkeypatch.setattr(cpu, "forward", broken)
-    monkeypatch.setattr(cpu, "backward_none", broken)
+    monkeypatch.setattr(cpu, "_kernel", broken)  # where every route's kernel is loaded or compiled
     monkeypatch.setattr(kernels, "_failed", set())
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     y = torch.rand(7, 3, dtype=torch.float64)
@@ -446,7 +445,7 @@ def test_kernel_bugs_are_not_swallowed(monkeypatch):
     def buggy(*args, **kwargs):
         raise IndexError("a bug, not a build failure")
 
-    monkeypatch.setattr(cpu, "forward", buggy)
+    monkeypatch.setattr(cpu, "_launch", buggy)  # what every route runs
     with pytest.raises(IndexError, match="a bug"):
         BCE(torch.randn(4), torch.rand(4))
 
@@ -473,3 +472,98 @@ def test_meta_tensors_give_meta_results_like_torch():
         assert (got.device, got.shape, got.dtype) == (want.device, want.shape, want.dtype)
     bcelogits.binary_cross_entropy_with_logits(x, y).backward()
     assert (x.grad.device.type, x.grad.shape) == ("meta", x.shape)
+
+
+# ------------------------------------------------------------------------------------- simple calls
+# The most common call (two torch tensors of one float dtype and shape, no weights, default options,
+# 'mean' or 'sum') skips parse and the general kernel route (_args.simple_call,
+# kernels._simple_cpu_forward). It must build what parse builds and give the general route's bits.
+_SIMPLE_ARGS = dict(
+    weight=None, size_average=None, reduce=None, reduction="mean", pos_weight=None,
+    ignore_index=None, label_smoothing=0.0, class_dim=None, focal_gamma=0.0, strict=False,
+)  # fmt: skip
+
+
+def _simple(x, y, **changes):
+    a = dict(_SIMPLE_ARGS, **changes)
+    return _args.simple_call(
+        x, y, a["weight"], a["size_average"], a["reduce"], a["reduction"], a["pos_weight"],
+        a["ignore_index"], a["label_smoothing"], a["class_dim"], a["focal_gamma"], a["strict"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (4, 3), (2, 3, 4, 5)])
+def test_simple_call_is_what_parse_builds(dtype, reduction, shape):
+    x, y = torch.randn(shape, dtype=dtype), torch.rand(shape, dtype=dtype)
+    got = _simple(x, y, reduction=reduction)
+    ref = _call(x, y, reduction=reduction)
+    assert got is not None and got.simple and not ref.simple
+    for field in ("xp", "input", "target", "weight", "pos_weight", "options"):
+        assert getattr(got, field) is getattr(ref, field) or getattr(got, field) == getattr(ref, field), field
+    assert (got.reduction, got.compute_dtype, got.out_dtype) == (
+        ref.reduction,
+        ref.compute_dtype,
+        ref.out_dtype,
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(weight=torch.ones(3)), dict(pos_weight=torch.ones(3)), dict(size_average=True),
+        dict(reduce=True), dict(reduction="none"), dict(reduction="weighted_mean"), dict(reduction="avg"),
+        dict(ignore_index=-1), dict(class_dim=-1), dict(strict=True), dict(strict=np.False_),
+        dict(label_smoothing=0), dict(label_smoothing=0.1), dict(label_smoothing=torch.tensor(0.0)),
+        dict(focal_gamma=0), dict(focal_gamma=2.0), dict(focal_gamma=torch.tensor(0.0)),
+        dict(x=torch.randn(4, 3).half()), dict(x=torch.randn(4, 3).bfloat16()),
+        dict(x=torch.randn(4, 3).double()), dict(y=torch.rand(4, 3).double()), dict(y=torch.rand(1, 3)),
+        dict(y=torch.rand(4, 3).numpy()), dict(x=torch.randn(4, 3).numpy(), y=torch.rand(4, 3).numpy()),
+        dict(x=torch.nn.Parameter(torch.randn(4, 3))), dict(y=torch.randint(0, 2, (4, 3))),
+        dict(x=torch.randn(4, 3).to_sparse(), y=torch.rand(4, 3).to_sparse()),
+    ],
+)  # fmt: skip
+def test_simple_call_declines_everything_else(change):
+    """Anything parse might reject, cast or reshape, or any option, goes the general way (None)."""
+    x, y = change.pop("x", torch.randn(4, 3)), change.pop("y", torch.rand(4, 3))
+    assert _simple(x, y, **change) is None
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "shape", [(1,), (7, 3), (4096,), (4097,), (70000,), (3, 100003)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_simple_route_gives_the_general_routes_bits(monkeypatch, dtype, reduction, shape, layout):
+    """Loss, gradient (with grad_output != 1) and no-grad loss through the simple route equal, bit for bit,
+    those of the general route (simple_call switched off); a transposed input is a simple call that the
+    general kernel route stages. Shapes cover one block, a partial block and several threads."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x0 = torch.randn(shape, dtype=dtype, generator=g) * 8
+    y = torch.rand(shape, dtype=dtype, generator=g)
+    if layout == "transposed" and x0.ndim == 2:
+        x0, y = x0.t().contiguous().t(), y.t().contiguous().t()
+
+    def run():
+        x = x0.clone().requires_grad_(True)
+        loss = BCE(x, y, reduction=reduction)
+        (loss * 3.0).backward()
+        with torch.no_grad():
+            nograd = BCE(x0, y, reduction=reduction)
+        return loss.detach(), x.grad, nograd
+
+    calls, runs = [], []
+    real, real_run = _args.simple_call, kernels._simple_cpu_forward
+    monkeypatch.setattr(_args, "simple_call", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(kernels, "_simple_cpu_forward", lambda *a: runs.append(1) or real_run(*a))
+    fast = run()
+    assert calls and all(c is not None for c in calls)  # the route under test was taken
+    assert len(runs) == (2 if x0.is_contiguous() else 0)  # (fused loss and gradient, then the no-grad loss)
+    monkeypatch.setattr(_args, "simple_call", lambda *a: None)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)

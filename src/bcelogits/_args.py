@@ -181,6 +181,8 @@ class Call:
     options: Options
     compute_dtype: Any  # float32 or float64 (torch.dtype or numpy.dtype)
     out_dtype: Any  # dtype of the loss: the target's (float32 under autocast for 16-bit)
+    # Made by simple_call: torch tensors of one float32/float64 dtype and shape, no weights, no options.
+    simple: bool = False
 
     @property
     def is_torch(self) -> bool:
@@ -303,6 +305,50 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
         return w.to(compute) if torch is not None else w.astype(compute, copy=False)
 
     return Call(xp, input, target, cast(weight), cast(pos_weight), reduction, options, compute, out_dtype)
+
+
+_DEFAULTS = Options()
+
+
+def simple_call(
+    input, target, weight, size_average, reduce, reduction, pos_weight,
+    ignore_index, label_smoothing, class_dim, focal_gamma, strict,
+) -> Call | None:  # fmt: skip
+    """The :class:`Call` of the most common call, or None: ``input`` and ``target`` torch tensors (not
+    subclasses) of one shape and one dtype, float32 or float64, dense; no weight, pos_weight or legacy
+    argument; reduction 'mean' or 'sum'; every option at its default (exactly: ``0.0``, not ``0``).
+    For such a call :func:`parse` checks nothing that can fail and changes nothing (autocast only casts
+    16-bit tensors), so this builds its result without it: about a fifth of the time of a small call.
+    Anything else returns None and goes through :func:`check_options` and :func:`parse`."""
+    torch = _torch()
+    if (
+        torch is None
+        or type(input) is not torch.Tensor
+        or type(target) is not torch.Tensor
+        or weight is not None
+        or pos_weight is not None
+        or size_average is not None
+        or reduce is not None
+        or not (reduction == "mean" or reduction == "sum")
+        or ignore_index is not None
+        or class_dim is not None
+        or strict is not False
+        or type(label_smoothing) is not float
+        or label_smoothing != 0.0
+        or type(focal_gamma) is not float
+        or focal_gamma != 0.0
+    ):
+        return None
+    dt = input.dtype
+    if (
+        target.dtype is not dt
+        or not (dt is torch.float32 or dt is torch.float64)
+        or input.layout is not torch.strided
+        or target.layout is not torch.strided
+        or input.shape != target.shape
+    ):
+        return None
+    return Call(torch, input, target, None, None, str(reduction), _DEFAULTS, dt, dt, True)
 
 
 def _along_class_dim(p, shape: tuple, class_dim: int):

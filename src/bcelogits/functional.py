@@ -41,16 +41,32 @@ def binary_cross_entropy_with_logits(
     >>> print(binary_cross_entropy_with_logits(np.array([-1000.0]), np.array([0.0]), reduction="none"))
     [0.]
     """
-    reduction = _args.resolve_reduction(size_average, reduce, reduction)
-    options = _args.check_options(ignore_index, label_smoothing, class_dim, focal_gamma, strict)
-    call = _args.parse(input, target, weight, pos_weight, reduction, options)
-    if options.strict:
-        _args.check_values(call)
+    call = _args.simple_call(
+        input, target, weight, size_average, reduce, reduction, pos_weight,
+        ignore_index, label_smoothing, class_dim, focal_gamma, strict,
+    )  # fmt: skip
+    if call is None:
+        reduction = _args.resolve_reduction(size_average, reduce, reduction)
+        options = _args.check_options(ignore_index, label_smoothing, class_dim, focal_gamma, strict)
+        call = _args.parse(input, target, weight, pos_weight, reduction, options)
+        if options.strict:
+            _args.check_values(call)
     if call.is_torch:
-        from . import _autograd
-
-        return _autograd.apply(call)
+        return _autograd().apply(call)
     return kernels.forward(call).loss
+
+
+def _autograd():
+    """The torch autograd module (imported on first use: ``import bcelogits`` never imports torch)."""
+    mod = _modules.get("autograd")
+    if mod is None:
+        from . import _autograd as mod
+
+        _modules["autograd"] = mod
+    return mod
+
+
+_modules: dict = {}
 
 
 def loss_and_grad(

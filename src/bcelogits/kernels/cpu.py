@@ -49,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import struct
 import sys
 import threading
 
@@ -1097,17 +1098,23 @@ _KEEP_WORDS = 1 << 19
 
 
 def _buffer(words):
-    """``(array, address)``: an int64 buffer of at least ``words`` words for one call. The calling thread
-    keeps its last one (up to :data:`_KEEP_WORDS`) with its address: on small inputs, allocating it and
-    looking its address up cost about as much as the kernel itself."""
+    """``(array, address, memoryview)``: an int64 buffer of at least ``words`` words for one call. The
+    calling thread keeps its last one (up to :data:`_KEEP_WORDS`) with its address: on small inputs,
+    allocating it and looking its address up cost about as much as the kernel itself."""
     kept = getattr(_local, "buf", None)
     if kept is not None and kept[0].size >= words:
         return kept
     buf = np.empty(max(words, 1 << 14), np.int64)
-    kept = (buf, buf.ctypes.data)
+    kept = (buf, buf.ctypes.data, memoryview(buf).cast("B"))
     if buf.size <= _KEEP_WORDS:
         _local.buf = kept
     return kept
+
+
+# The argument block as packed by _launch: the (address, length) pairs, the two counter addresses, wi,
+# pi and flags (int64), then ls, ig, gamma, gscale (float64), then the number of scratch slots.
+_ARGS = struct.Struct(f"<{_A_FLOATS}q4dq")
+_PART3 = struct.Struct("<3d")  # one block's (loss sum, count, weight sum), when nb == 1
 
 
 def _launch(mode, focal, uses, dt, n, refs, scalars, flags):
@@ -1122,41 +1129,38 @@ def _launch(mode, focal, uses, dt, n, refs, scalars, flags):
     calling thread and a small pool of Python threads (the compiled code runs without the GIL)."""
     fn, address = _kernel(dt, mode, focal, uses)
     nb = (n + BLOCK - 1) // BLOCK
-    nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
+    if nb < 2 * _MIN_BLOCKS_PER_THREAD:
+        nthreads = 1
+    else:
+        nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
     # One buffer per call (the calling thread's kept one, see _buffer): the argument block (_A_SIZE
     # int64), the two counters, the block partials (3 x nb float64), then the threads' scratch slots.
+    # Packed with struct: a few numpy operations would cost more than the kernel on a small input.
     nscratch = nthreads * _slot_bytes(dt == np.float64)
-    buf, base = _buffer(_A_SIZE + 2 + 3 * nb + nscratch // 8)
-    buf[_A_SIZE : _A_SIZE + 2 + 3 * nb] = 0
-    part = buf[_A_SIZE + 2 : _A_SIZE + 2 + 3 * nb].view(np.float64).reshape(3, nb)
-    block = []
-    for ref in refs[:7]:
-        block += ref
-    block += (base + 8 * (_A_SIZE + 2), 3 * nb)
-    for ref in refs[7:]:
-        block += ref
-    block += (base + 8 * (_A_SIZE + 2 + 3 * nb), nscratch)
+    buf, base, mem = _buffer(_A_SIZE + 2 + 3 * nb + nscratch // 8)
     ctr = base + 8 * _A_SIZE
-    block += (ctr, ctr + 8, scalars[4], scalars[5], flags, 0, 0, 0, 0, nthreads)
-    buf[:_A_SIZE] = block
-    buf[:_A_SIZE].view(np.float64)[_A_FLOATS : _A_FLOATS + 4] = scalars[:4]
-    ptr = base
+    ctypes.memset(ctr, 0, 8 * (2 + 3 * nb))
+    x, y, w, p, go, lo, gr, wext, pext = refs
+    _ARGS.pack_into(
+        mem, 0, *x, *y, *w, *p, *go, *lo, *gr, ctr + 16, 3 * nb, *wext, *pext,
+        ctr + 16 + 24 * nb, nscratch, ctr, ctr + 8, scalars[4], scalars[5], flags, *scalars[:4], nthreads,
+    )  # fmt: skip
     gomp = _torch_openmp() if nthreads > 1 else None
     if nthreads == 1:
-        fn(ptr)
+        fn(base)
     elif gomp is not None:
-        gomp(address, ptr, nthreads, 0)
+        gomp(address, base, nthreads, 0)
     else:
         pool = _executor(nthreads - 1)
-        futures = [pool.submit(fn, ptr) for _ in range(1, nthreads)]
+        futures = [pool.submit(fn, base) for _ in range(1, nthreads)]
         try:
-            fn(ptr)
+            fn(base)
         finally:
             for f in futures:
                 f.result()
     if nb == 1:  # (what the sum below gives: 0.0 + the value, and no block sum is -0.0)
-        total, count, wsum = part[:, 0].tolist()
-        return total, count, wsum
+        return _PART3.unpack_from(mem, 8 * (_A_SIZE + 2))
+    part = buf[_A_SIZE + 2 : _A_SIZE + 2 + 3 * nb].view(np.float64).reshape(3, nb)
     total, count, wsum = part.sum(axis=1)  # pairwise over blocks: independent of the thread count
     return float(total), float(count), float(wsum)
 
@@ -1265,6 +1269,23 @@ def forward(
         else:
             wsum = _weight_sum_all(wv, wi, n) if weight_sum else math.nan
     return total, int(count), wsum
+
+
+def forward_contiguous(x, y, grad_out, grad_scale):
+    """:func:`forward` without weights or options, for the caller that has already checked what
+    :func:`forward` would (its dispatcher does, for its most common call): ``x``, ``y`` and ``grad_out``
+    (None, or a new tensor) contiguous CPU torch tensors of one float32/float64 dtype and of ``n > 0``
+    elements. Returns the loss sum; the same kernel call as :func:`forward`, so the same bits."""
+    dt = _dtype_of(x)
+    n = x.numel()
+    ones, none = _consts(dt)
+    o, z = _address(ones), _address(none)
+    gr = (z, 0) if grad_out is None else (grad_out.data_ptr(), n)
+    refs = ((x.data_ptr(), n), (y.data_ptr(), n), (o, 1), (o, 1), (z, 0), (z, 0), gr, (z, 0), (z, 0))
+    total, _, _ = _launch(
+        0 if grad_out is None else 1, False, "", dt, n, refs, (0.0, math.nan, 0.0, grad_scale, 1, 1), 2
+    )
+    return total
 
 
 def backward_none(
