@@ -164,3 +164,20 @@ def test_default_full_cpu_run_measures_cells_for_a_minimum_time(monkeypatch):
         (bench.DEFAULT_REPEATS["quick"], None, None),
         (4, None, None),
     ]
+
+
+def test_small_calls_script_prints_one_row_per_shape(capsys):
+    """benchmarks/small_calls.py (the README's small-input numbers) runs and prints its table."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "small_calls.py"
+    spec = importlib.util.spec_from_file_location("small_calls", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shapes", "4x3,2x5x7", "--calls", "2", "--rounds", "1"]) == 0
+    rows = [
+        r for r in capsys.readouterr().out.splitlines() if r.startswith("| 4x3") or r.startswith("| 2x5x7")
+    ]
+    assert [r.split("|")[2].strip() for r in rows] == ["12", "70"]
+    assert all(float(c) > 0 for r in rows for c in r.strip("|").split("|")[2:])

@@ -567,3 +567,15 @@ def test_simple_route_gives_the_general_routes_bits(monkeypatch, dtype, reductio
     for a, b in zip(fast, slow):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
+
+
+@needs_cpu
+def test_default_module_takes_the_simple_route(monkeypatch):
+    """The module passes its defaults as check_options stored them (0.0, False, None): still simple."""
+    seen = []
+    real = _args.simple_call
+    monkeypatch.setattr(_args, "simple_call", lambda *a: seen.append(real(*a)) or seen[-1])
+    bcelogits.BCEWithLogitsLoss()(torch.randn(8, 3), torch.rand(8, 3))
+    bcelogits.BCEWithLogitsLoss(reduction="sum")(torch.randn(8, 3), torch.rand(8, 3))
+    bcelogits.BCEWithLogitsLoss(pos_weight=torch.ones(3))(torch.randn(8, 3), torch.rand(8, 3))
+    assert [c is not None for c in seen] == [True, True, False]

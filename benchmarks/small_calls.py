@@ -1,0 +1,84 @@
+"""Per-call time on small inputs, where Python overhead, not the kernel, decides: bcelogits against
+torch for evaluation (``torch.no_grad()``) and for a training step (loss + backward). This produced the
+"Small inputs" numbers in the README.
+
+    python benchmarks/small_calls.py [--shapes 64x10,256x100,256x300,256x1000] [--calls 300] [--rounds 7]
+
+Each round times ``--calls`` back-to-back calls of each of the four functions (ours and torch's, no_grad
+and fwd+bwd), one after the other; the table has the medians over rounds, in microseconds per call.
+float32, reduction='mean', no weights: the call the library's short route serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bcelogits
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.lower().split("x"))
+
+
+def measure(shape: tuple[int, ...], calls: int, rounds: int) -> dict[str, float]:
+    """Median microseconds per call of ours / torch's, no_grad / forward+backward, on ``shape``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).requires_grad_(True)
+    y = torch.rand(shape, generator=g)
+
+    def step(fn):
+        def run():
+            fn(x, y).backward()
+
+        return run
+
+    def evaluate(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, y)
+
+        return run
+
+    ours, theirs = bcelogits.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+    fns = {"ours fwd": evaluate(ours), "ours fwd+bwd": step(ours)}
+    fns |= {"torch fwd": evaluate(theirs), "torch fwd+bwd": step(theirs)}
+    for fn in fns.values():  # warm-up (and the kernel's compile or cache load)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="64x10,256x100,256x300,256x1000", help="comma-separated, e.g. 64x10")
+    p.add_argument("--calls", type=int, default=300, help="calls per round (default 300)")
+    p.add_argument("--rounds", type=int, default=7, help="rounds; the medians are reported (default 7)")
+    a = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; µs per call, medians of {a.rounds}")
+    print()
+    print("| shape | elements | ours fwd | torch fwd | ours fwd+bwd | torch fwd+bwd |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for text in a.shapes.split(","):
+        shape = _shape(text)
+        m = measure(shape, a.calls, a.rounds)
+        n = 1
+        for d in shape:
+            n *= d
+        cols = [m["ours fwd"], m["torch fwd"], m["ours fwd+bwd"], m["torch fwd+bwd"]]
+        print(f"| {text} | {n} | " + " | ".join(f"{v:.0f}" for v in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
