@@ -57,7 +57,15 @@ import numpy as np
 
 from .._math import SMALL_SIDE_LINEAR
 
-__all__ = ["available", "forward", "backward_none", "prepare", "unavailable_reason", "BLOCK"]
+__all__ = [
+    "available",
+    "forward",
+    "forward_contiguous",
+    "backward_none",
+    "prepare",
+    "unavailable_reason",
+    "BLOCK",
+]
 
 #: Elements per block: the unit of work of a thread and of a partial sum.
 BLOCK = 4096
