@@ -493,7 +493,7 @@ def _simple(x, y, **changes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(), (0,), (5,), (4, 3), (2, 3, 4, 5)])
 def test_simple_call_is_what_parse_builds(dtype, reduction, shape):
     x, y = torch.randn(shape, dtype=dtype), torch.rand(shape, dtype=dtype)
@@ -513,7 +513,7 @@ def test_simple_call_is_what_parse_builds(dtype, reduction, shape):
     "change",
     [
         dict(weight=torch.ones(3)), dict(pos_weight=torch.ones(3)), dict(size_average=True),
-        dict(reduce=True), dict(reduction="none"), dict(reduction="weighted_mean"), dict(reduction="avg"),
+        dict(reduce=True), dict(reduction="weighted_mean"), dict(reduction="avg"), dict(reduction=None),
         dict(ignore_index=-1), dict(class_dim=-1), dict(strict=True), dict(strict=np.False_),
         dict(label_smoothing=0), dict(label_smoothing=0.1), dict(label_smoothing=torch.tensor(0.0)),
         dict(focal_gamma=0), dict(focal_gamma=2.0), dict(focal_gamma=torch.tensor(0.0)),
@@ -532,15 +532,15 @@ def test_simple_call_declines_everything_else(change):
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
     "shape", [(1,), (7, 3), (4096,), (4097,), (70000,), (3, 100003)], ids=lambda s: "x".join(map(str, s))
 )
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_simple_route_gives_the_general_routes_bits(monkeypatch, dtype, reduction, shape, layout):
     """Loss, gradient (with grad_output != 1) and no-grad loss through the simple route equal, bit for bit,
-    those of the general route (simple_call switched off); a transposed input is a simple call that the
-    general kernel route stages. Shapes cover one block, a partial block and several threads."""
+    those of the general route (simple_call switched off); a transposed input, and 'none', are simple
+    calls that the general kernel route serves. Shapes: one block, a partial block, several threads."""
     g = torch.Generator().manual_seed(sum(shape))
     x0 = torch.randn(shape, dtype=dtype, generator=g) * 8
     y = torch.rand(shape, dtype=dtype, generator=g)
@@ -550,7 +550,7 @@ def test_simple_route_gives_the_general_routes_bits(monkeypatch, dtype, reductio
     def run():
         x = x0.clone().requires_grad_(True)
         loss = BCE(x, y, reduction=reduction)
-        (loss * 3.0).backward()
+        (loss * 3.0).sum().backward()
         with torch.no_grad():
             nograd = BCE(x0, y, reduction=reduction)
         return loss.detach(), x.grad, nograd
@@ -561,7 +561,8 @@ def test_simple_route_gives_the_general_routes_bits(monkeypatch, dtype, reductio
     monkeypatch.setattr(kernels, "_simple_cpu_forward", lambda *a: runs.append(1) or real_run(*a))
     fast = run()
     assert calls and all(c is not None for c in calls)  # the route under test was taken
-    assert len(runs) == (2 if x0.is_contiguous() else 0)  # (fused loss and gradient, then the no-grad loss)
+    # (fused loss and gradient, then the no-grad loss; 'none' takes the general kernel route)
+    assert len(runs) == (2 if x0.is_contiguous() and reduction != "none" else 0)
     monkeypatch.setattr(_args, "simple_call", lambda *a: None)
     slow = run()
     for a, b in zip(fast, slow):

@@ -316,7 +316,7 @@ def simple_call(
 ) -> Call | None:  # fmt: skip
     """The :class:`Call` of the most common call, or None: ``input`` and ``target`` torch tensors (not
     subclasses) of one shape and one dtype, float32 or float64, dense; no weight, pos_weight or legacy
-    argument; reduction 'mean' or 'sum'; every option at its default (exactly: ``0.0``, not ``0``).
+    argument; reduction 'mean', 'sum' or 'none'; every option at its default (exactly: ``0.0``, not ``0``).
     For such a call :func:`parse` checks nothing that can fail and changes nothing (autocast only casts
     16-bit tensors), so this builds its result without it (the option checks and parse took about a
     quarter of a small call's time). Anything else returns None and goes through
@@ -330,7 +330,7 @@ def simple_call(
         or pos_weight is not None
         or size_average is not None
         or reduce is not None
-        or not (reduction == "mean" or reduction == "sum")
+        or not (reduction == "mean" or reduction == "sum" or reduction == "none")
         or ignore_index is not None
         or class_dim is not None
         or strict is not False
