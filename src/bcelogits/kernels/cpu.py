@@ -1185,18 +1185,20 @@ def _ext(src, inner, n):
 
 
 def _launch_run(dt, n, x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags, uses):
-    """The worker over all blocks. ``x, y, go, lo, gr``: spans (see :func:`_span`) or None (absent);
+    """The worker over all blocks. ``x, y``: spans (see :func:`_span`); ``go, lo, gr``: spans or None;
     ``w, p``: weight patterns. ``gamma == 0`` selects a non-focal specialisation, ``uses`` (see
     :func:`_uses`) one with only the operations the call needs."""
     none = _consts(dt)[1]
     absent = (_address(none), 0)
-    spans = tuple(absent if s is None else (s[0], n) for s in (x, y, go, lo, gr))
-    # (``arrays`` keeps the expanded patterns alive until the call returns.)
+    # (The expanded patterns stay referenced here until the call returns. Written out rather than
+    # looped over: on a small input this function's own time is a good part of the call's.)
     wext = _ext(w, w_inner, n) if "w" in uses else none
     pext = _ext(p, p_inner, n) if "p" in uses else none
-    arrays = (w, p, wext, pext)
-    pats = tuple((_address(a), a.size) for a in arrays)
-    refs = (*spans[:2], *pats[:2], *spans[2:], *pats[2:])
+    refs = (
+        (x[0], n), (y[0], n), (_address(w), w.size), (_address(p), p.size),
+        absent if go is None else (go[0], n), absent if lo is None else (lo[0], n),
+        absent if gr is None else (gr[0], n), (_address(wext), wext.size), (_address(pext), pext.size),
+    )  # fmt: skip
     scalars = (float(ls), float(ig), float(gamma), float(gscale), int(w_inner), int(p_inner))
     return _launch(mode, gamma != 0.0, uses, dt, n, refs, scalars, flags)
 
@@ -1286,13 +1288,14 @@ def forward_contiguous(x, y, grad_out, grad_scale):
     elements. Returns the loss sum; the same kernel call as :func:`forward`, so the same bits."""
     dt = _dtype_of(x)
     n = x.numel()
-    ones, none = _consts(dt)
-    o, z = _address(ones), _address(none)
-    gr = (z, 0) if grad_out is None else (grad_out.data_ptr(), n)
-    refs = ((x.data_ptr(), n), (y.data_ptr(), n), (o, 1), (o, 1), (z, 0), (z, 0), gr, (z, 0), (z, 0))
-    total, _, _ = _launch(
-        0 if grad_out is None else 1, False, "", dt, n, refs, (0.0, math.nan, 0.0, grad_scale, 1, 1), 2
-    )
+    size = n * dt.itemsize
+    xs, ys = (a.data_ptr() for a in (x, y))
+    gr = None if grad_out is None else (grad_out.data_ptr(), grad_out.data_ptr() + size)
+    ones = _consts(dt)[0]  # (what _pattern gives for an absent weight)
+    total, _, _ = _launch_run(
+        dt, n, (xs, xs + size), (ys, ys + size), ones, ones, None, None, gr,
+        0.0, math.nan, 0.0, grad_scale, 1, 1, 0 if grad_out is None else 1, 2, "",
+    )  # fmt: skip
     return total
 
 
