@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -360,6 +361,48 @@ def test_sum_is_independent_of_thread_count(monkeypatch, dt, launcher):
         assert res[0] == results[0][0]
         for a, b in zip(res[1:], results[0][1:]):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_results_are_independent_of_the_claim_size(monkeypatch, dt):
+    """Threads claim ``_chunk(nb, threads)`` blocks at a time; any claim size (1, uneven, a last claim
+    running past the end, one claim for everything) gives the same bits, for loss + gradient with
+    weights and for the plain loss-only kernel."""
+    monkeypatch.setattr(cpu, "_num_threads", lambda: 2)
+    rng = np.random.default_rng(8)
+    n = 70 * cpu.BLOCK + 123  # 71 blocks
+    x, y = make(n, dt, rng, soft=True)
+    w = rng.uniform(0.1, 2, 13).astype(dt)
+    results = []
+    for chunk in (1, 2, 3, 7, 64, 71, 1000):
+        monkeypatch.setattr(cpu, "_chunk", lambda nb, nthreads, c=chunk: c)
+        g = np.empty_like(x)
+        r = cpu.forward(x, y, w, 1, None, 1, grad_out=g)
+        results.append((r, cpu.forward(x, y, None, 1, None, 1), g))
+    for r, r0, g in results[1:]:
+        assert (r, r0) == results[0][:2]
+        np.testing.assert_array_equal(g, results[0][2])
+
+
+def test_claim_size():
+    """About an eighth of a thread's share of the blocks, within [2, 64]."""
+    assert cpu._chunk(1, 1) == 2
+    assert cpu._chunk(65, 2) == 4
+    assert cpu._chunk(1001, 2) == 62
+    assert cpu._chunk(4096, 2) == 64
+    assert cpu._chunk(4096, 64) == 8
+
+
+def test_loops_prefer_512_bit_vectors():
+    """The worker and its element loops carry ``"prefer-vector-width"="512"`` (LLVM's tuning for Intel
+    AVX-512 CPUs would otherwise vectorise them 256 bits wide; on AVX2 CPUs it changes nothing)."""
+    ir = cpu._compile(False, 1, False, "w").inspect_llvm()
+    groups = dict(re.findall(r"^attributes (#\d+) = \{(.*)\}$", ir, re.M))
+    defined = re.findall(r"^define .*@(\S+)\(.*\).* (#\d+) \{$", ir, re.M)
+    ours = {name: group for name, group in defined if re.search(r"_loop_h|_loop_grad|_work_", name)}
+    assert len(ours) == 3, defined
+    for name, group in ours.items():
+        assert '"prefer-vector-width"="512"' in groups[group], name
 
 
 def test_kernels_compile_lazily_and_load_from_the_cache(tmp_path):
