@@ -8,7 +8,9 @@ alone underflows); ``0 * inf = 0`` at ``|x| = inf``; NaN in gives NaN out. The s
 ``fma(y, 1 - ls, ls / 2)`` in the dtype (the two factors rounded to it). Without weight and pos_weight the
 two coefficients add up to 1 and the loss is computed as ``cb a + log1p(e)``.
 
-Speed comes from LLVM vectorising the element loops (AVX2 or AVX-512, whatever the host has). Each
+Speed comes from LLVM vectorising the element loops (AVX2 or AVX-512, whatever the host has; the
+functions ask for 512-bit vectors, which LLVM's tuning for Intel AVX-512 CPUs would not use, see
+:func:`_i_wide`). Each
 block of :data:`BLOCK` elements is done in two loops: the first computes ``h`` from ``x`` into a scratch
 buffer that stays in L1, the second everything else. One loop would do the same arithmetic, but each
 element's chain exp -> log1p -> loss is then too long for the out-of-order core to overlap enough
@@ -26,10 +28,10 @@ process may use; the same count without torch). With torch imported they are tor
 threads (the worker is handed to ``GOMP_parallel`` of the libgomp in torch's directory): after each
 torch operator they keep spinning for a few milliseconds, and would otherwise compete with ours for the
 cores. Without torch: the calling thread plus a small pool of Python threads, the compiled code running
-without the GIL. Threads claim blocks from a shared atomic counter, so a thread that is slowed down does
-less of the work instead of holding the call up. Each block stores float64 partial sums, added in block
-order at the end, so results are bitwise identical for any thread count and any split of blocks between
-threads.
+without the GIL. Threads claim runs of blocks (see :func:`_chunk`) from a shared atomic counter, so a
+thread that is slowed down does less of the work instead of holding the call up. Each block stores
+float64 partial sums, added in block order at the end, so results are bitwise identical for any thread
+count and any split of blocks between threads.
 
 Specialisations: dtype (float32/float64) x what is computed (loss only, loss + gradient, gradient from
 an upstream ``grad_out`` for reduction='none') x plain or focal x which of weight, pos_weight, label
