@@ -522,6 +522,7 @@ def test_simple_call_is_what_parse_builds(dtype, reduction, shape):
         dict(y=torch.rand(4, 3).numpy()), dict(x=torch.randn(4, 3).numpy(), y=torch.rand(4, 3).numpy()),
         dict(x=torch.nn.Parameter(torch.randn(4, 3))), dict(y=torch.randint(0, 2, (4, 3))),
         dict(x=torch.randn(4, 3).to_sparse(), y=torch.rand(4, 3).to_sparse()),
+        dict(y=torch.rand(4, 3, device="meta")),
     ],
 )  # fmt: skip
 def test_simple_call_declines_everything_else(change):

@@ -186,6 +186,27 @@ def test_target_size_mismatch(xs, ys):
         bcelogits.BCEWithLogitsLoss()(x, y)
 
 
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}], ids=["plain call", "with an option"])
+@pytest.mark.parametrize("other", ["target", "input"])
+def test_target_on_another_device_is_runtime_error(options, other):
+    """A target on another device than the input (the classic CUDA target, CPU logits) raises
+    RuntimeError like torch, naming the target and the fix, before any kernel reads its memory (the
+    'meta' device stands in for CUDA: its tensors have no data)."""
+    x, y = torch.randn(64, 100), torch.rand(64, 100)
+    if other == "target":
+        y = y.to("meta")
+    else:
+        x = x.to("meta")
+    with pytest.raises(RuntimeError):
+        F.binary_cross_entropy_with_logits(x, y)
+    with pytest.raises(
+        RuntimeError, match=r"'target' is on .* but input is on .*target\.to\(input\.device\)"
+    ):
+        bcelogits.binary_cross_entropy_with_logits(x, y, **options)
+    with pytest.raises(RuntimeError, match="'target' is on"):
+        bcelogits.BCEWithLogitsLoss(**options)(x, y)
+
+
 def test_target_size_mismatch_exact_spec_message():
     with pytest.raises(
         ValueError,

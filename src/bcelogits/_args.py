@@ -254,6 +254,11 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
             f"Target size ({_shape_str(target)}) must be the same as input size ({_shape_str(input)})"
         )
     shape = tuple(input.shape)
+    if torch is not None and target.device != input.device:
+        raise RuntimeError(
+            f"{FUNCTION}(): 'target' is on {target.device} but input is on {input.device}; "
+            "move it with target.to(input.device)"
+        )
 
     # dtypes: the loss has the target's dtype; 16-bit math is done in float32 and rounded once.
     if torch is not None:
@@ -315,7 +320,7 @@ def simple_call(
     ignore_index, label_smoothing, class_dim, focal_gamma, strict,
 ) -> Call | None:  # fmt: skip
     """The :class:`Call` of the most common call, or None: ``input`` and ``target`` torch tensors (not
-    subclasses) of one shape and one dtype, float32 or float64, dense; no weight, pos_weight or legacy
+    subclasses) of one shape, dtype and device, float32 or float64, dense; no weight, pos_weight or legacy
     argument; reduction 'mean', 'sum' or 'none'; every option at its default (exactly: ``0.0``, not ``0``).
     For such a call :func:`parse` checks nothing that can fail and changes nothing (autocast only casts
     16-bit tensors), so this builds its result without it (the option checks and parse took about a
@@ -347,6 +352,7 @@ def simple_call(
         or input.layout is not torch.strided
         or target.layout is not torch.strided
         or input.shape != target.shape
+        or input.device != target.device
     ):
         return None
     return Call(torch, input, target, None, None, str(reduction), _DEFAULTS, dt, dt, True)
