@@ -251,6 +251,33 @@ def test_numpy_integer_input_rejected():
     assert "input" in str(err.value)
 
 
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_numpy_dtype_errors_name_a_numpy_fix(which):
+    # NumPy arrays have no .float(): the fix offered must be one a NumPy user can run.
+    args = {"input": np.zeros(3, np.float32), "target": np.ones(3, np.float32)}
+    args[which] = args[which].astype(np.int32)
+    with pytest.raises(TypeError) as err:
+        bce(**args)
+    msg = str(err.value)
+    assert f"{which}.astype(" in msg and ".float()" not in msg
+    fixed = dict(args)
+    fixed[which] = eval(msg.rsplit("convert with ", 1)[1], {"numpy": np}, args)  # the fix as written runs
+    assert np.isfinite(bce(**fixed))
+
+
+@pytest.mark.parametrize("which", ["input", "target", "weight", "pos_weight"])
+def test_numpy_masked_arrays_are_refused(which):
+    # A masked array's mask would be silently ignored (the loss would count the masked elements).
+    x, y, w, p = _arrays(seed=3)
+    args = {"input": x, "target": y, "weight": w, "pos_weight": p}
+    a = args[which]
+    args[which] = np.ma.masked_array(a, mask=np.arange(a.size).reshape(a.shape) % 2)
+    with pytest.raises(TypeError, match=f"'{which}' is a numpy masked array.*weight=.*ignore_index"):
+        bce(**args)
+    with pytest.raises(TypeError, match="masked array"):
+        bcelogits.loss_and_grad(**args)
+
+
 # ----------------------------------------------------------------------------------------------------
 # without torch
 # ----------------------------------------------------------------------------------------------------

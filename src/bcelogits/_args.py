@@ -142,6 +142,13 @@ def namespace(input, target, weight=None, pos_weight=None):
                 f"{FUNCTION}(): argument '{name}' must be a Tensor or None, got {type(a).__name__}; "
                 f"pass torch.tensor({name}) (or numpy.asarray for NumPy inputs)"
             )
+    for name, a in (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+        if isinstance(a, np.ma.MaskedArray):
+            raise ArgumentTypeError(
+                f"{FUNCTION}(): '{name}' is a numpy masked array, and its mask would be ignored; pass "
+                f"{name}.filled(...) or {name}.data, and leave the masked elements out with weight= (0 where "
+                "masked) or ignore_index="
+            )
     kinds = {is_tensor(a) for a in (input, target, weight, pos_weight) if a is not None}
     if len(kinds) > 1:
         raise ArgumentTypeError(
@@ -240,14 +247,16 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
     torch = xp if xp is not np else None
 
     if not _is_float(input):
+        fix = "input.float()" if torch is not None else "input.astype(numpy.float32)"
         raise DTypeError(
             f"{FUNCTION}(): 'input' must hold floating-point logits, got dtype {input.dtype}; "
-            "convert with input.float()"
+            f"convert with {fix}"
         )
     if not _is_float(target):
+        fix = "target.astype(input.dtype)" if torch is None else "target.float() (or target.to(input.dtype))"
         raise DTypeError(
             f"{FUNCTION}(): 'target' must be floating-point (probabilities in [0, 1]), got dtype "
-            f"{target.dtype}; convert with target.float() (or target.to(input.dtype))"
+            f"{target.dtype}; convert with {fix}"
         )
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(
