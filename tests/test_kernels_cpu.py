@@ -363,6 +363,52 @@ def test_sum_is_independent_of_thread_count(monkeypatch, dt, launcher):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("launcher", ["torch-openmp", "python-threads"])
+def test_concurrent_calls_from_several_threads(monkeypatch, launcher):
+    """Calls made at the same time from several Python threads (the kernel runs without the GIL; each
+    call has its own argument block, counters and scratch) give the bits of the same calls made one
+    after another: sizes from one block to multi-threaded, loss + gradient and loss only, with and
+    without weights, on torch's OpenMP team and on our own threads."""
+    import threading
+
+    torch = pytest.importorskip("torch")
+    if launcher == "python-threads":
+        monkeypatch.setattr(cpu, "_torch_openmp", lambda: None)
+    elif cpu._torch_openmp() is None:
+        pytest.skip("this torch build does not run its operators on OpenMP")
+    monkeypatch.setattr(cpu, "_num_threads", lambda: 2)
+    rng = np.random.default_rng(11)
+    cases = []
+    for n in (100, 5 * cpu.BLOCK + 7, 40 * cpu.BLOCK + 1):
+        x, y = make(n, np.float32, rng, soft=True)
+        w = rng.uniform(0.1, 2, 7).astype(np.float32)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        cases += [(x, y, None, False), (x, y, w, True), (xt, yt, None, True)]
+
+    def run(case):
+        x, y, w, grad = case
+        g = (np.empty_like(x) if isinstance(x, np.ndarray) else torch.empty_like(x)) if grad else None
+        r = cpu.forward(x, y, w, 1, None, 1, grad_out=g)
+        return r, None if g is None else np.asarray(g).copy()
+
+    expected = [run(c) for c in cases]
+    failures = []
+
+    def worker(k):
+        for it in range(8):
+            i = (k * 5 + it) % len(cases)
+            r, g = run(cases[i])
+            if r != expected[i][0] or (g is not None and not np.array_equal(g, expected[i][1])):
+                failures.append((k, it, i))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
 @pytest.mark.parametrize("dt", DTYPES)
 def test_results_are_independent_of_the_claim_size(monkeypatch, dt):
     """Threads claim ``_chunk(nb, threads)`` blocks at a time; any claim size (1, uneven, a last claim
