@@ -312,11 +312,16 @@ def test_outputs_optional_and_grad_scale(dt):
 
 @pytest.mark.parametrize("dt", DTYPES)
 def test_long_weight_periods(dt):
-    """Weight patterns too long to pre-expand: runs (inner > 1), wrapped views (inner = 1)."""
+    """Weight patterns too long to pre-expand: runs longer than a block (inner > BLOCK: blocks inside one
+    run and blocks across two), many runs per block (inner < BLOCK, the pattern wrapping around inside
+    a block), wrapped views (inner = 1)."""
     rng = np.random.default_rng(5)
     n = 100_003
     x, y = make(n, dt, rng, soft=True)
-    for w, wi in [(rng.uniform(0.1, 2, 3).astype(dt), 6001), (rng.uniform(0.1, 2, 20011).astype(dt), 1)]:
+    patterns = [(3, 6001), (50, 500), (7, 2999), (20011, 1)]
+    for size, wi in patterns:
+        assert size * wi > cpu._EXT_MAX  # (else the pattern is expanded once per call instead)
+        w = rng.uniform(0.1, 2, size).astype(dt)
         lo, g, total, count, wsum = run_forward(x, y, w, wi, w, wi)
         L, G, S = reference(x, y, w, wi, w, wi)
         assert rel_err(lo, L, L) <= TOL[dt][0] and rel_err(g, G, S) <= TOL[dt][1]
