@@ -456,6 +456,15 @@ def test_loops_prefer_512_bit_vectors():
         assert '"prefer-vector-width"="512"' in groups[group], name
 
 
+def test_weight_fills_have_no_gathers_or_scatters():
+    """The loops that fill a block's weights index views from 0: with an index numba cannot prove
+    non-negative, its negative-index wraparound makes LLVM vectorise the copy with gathers and scatters
+    (one element at a time), which took a quarter of a loss-only call with a class-dimension pos_weight.
+    (On a CPU without gather instructions LLVM would not use them anyway, and this cannot fail.)"""
+    ir = cpu._compile(False, 0, False, "wp").inspect_llvm()
+    assert not re.findall(r"@llvm\.masked\.(?:gather|scatter)", ir)
+
+
 def test_kernels_compile_lazily_and_load_from_the_cache(tmp_path):
     """available() imports and compiles nothing; each specialisation compiles on its first use, and only
     that one; a later process loads it from the on-disk cache without importing numba, and gets the
