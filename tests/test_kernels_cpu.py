@@ -445,13 +445,14 @@ def test_claim_size():
 
 
 def test_loops_prefer_512_bit_vectors():
-    """The worker and its element loops carry ``"prefer-vector-width"="512"`` (LLVM's tuning for Intel
-    AVX-512 CPUs would otherwise vectorise them 256 bits wide; on AVX2 CPUs it changes nothing)."""
+    """The worker, its element loops and the weight fill carry ``"prefer-vector-width"="512"`` (LLVM's
+    tuning for Intel AVX-512 CPUs would otherwise vectorise them 256 bits wide; on AVX2 CPUs it changes
+    nothing)."""
     ir = cpu._compile(False, 1, False, "w").inspect_llvm()
     groups = dict(re.findall(r"^attributes (#\d+) = \{(.*)\}$", ir, re.M))
     defined = re.findall(r"^define .*@(\S+)\(.*\).* (#\d+) \{$", ir, re.M)
-    ours = {name: group for name, group in defined if re.search(r"_loop_h|_loop_grad|_work_", name)}
-    assert len(ours) == 3, defined
+    ours = {name: group for name, group in defined if re.search(r"_loop_h|_loop_grad|_work_|_block_w", name)}
+    assert len(ours) == 4, defined
     for name, group in ours.items():
         assert '"prefer-vector-width"="512"' in groups[group], name
 
