@@ -323,6 +323,21 @@ def test_numpy_api_without_torch():
     assert r.stdout.strip().endswith("ok")
 
 
+def test_masked_array_check_imports_nothing():
+    """The masked-array check does not import numpy.ma (8 ms) for a call that has none."""
+    code = """
+    import numpy as np
+    import bcelogits
+    before = 'numpy.ma' in sys.modules
+    bcelogits.binary_cross_entropy_with_logits(np.zeros(3), np.ones(3), weight=np.ones(3))
+    print(before, 'numpy.ma' in sys.modules)
+    """
+    r = _run_without_torch(code)
+    assert r.returncode == 0, r.stderr
+    before, after = r.stdout.split()
+    assert after == before
+
+
 def test_module_without_torch_says_how_to_install():
     code = """
     import bcelogits

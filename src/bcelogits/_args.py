@@ -142,8 +142,10 @@ def namespace(input, target, weight=None, pos_weight=None):
                 f"{FUNCTION}(): argument '{name}' must be a Tensor or None, got {type(a).__name__}; "
                 f"pass torch.tensor({name}) (or numpy.asarray for NumPy inputs)"
             )
+    ma = sys.modules.get("numpy.ma")  # (no masked array exists unless numpy.ma was imported; `np.ma` would
+    # import it, 8 ms)
     for name, a in (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight)):
-        if isinstance(a, np.ma.MaskedArray):
+        if ma is not None and isinstance(a, ma.MaskedArray):
             raise ArgumentTypeError(
                 f"{FUNCTION}(): '{name}' is a numpy masked array, and its mask would be ignored; pass "
                 f"{name}.filled(...) or {name}.data, and leave the masked elements out with weight= (0 where "
