@@ -3,10 +3,15 @@ torch for evaluation (``torch.no_grad()``) and for a training step (loss + backw
 "Small inputs" numbers in the README.
 
     python benchmarks/small_calls.py [--shapes 64x10,256x100,256x300,256x1000] [--calls 300] [--rounds 7]
+                                     [--evict MB]
 
 Each round times ``--calls`` back-to-back calls of each of the four functions (ours and torch's, no_grad
 and fwd+bwd), one after the other; the table has the medians over rounds, in microseconds per call.
 float32, reduction='mean', no weights: the call the library's short route serves.
+
+``--evict MB`` writes a buffer of that many MiB before every call (outside the timing), as a model's
+own forward and backward would between two loss calls: the call then starts with its code, its Python
+objects and its inputs out of the caches, which costs a Python library more than torch's C++ path.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.lower().split("x"))
 
 
-def measure(shape: tuple[int, ...], calls: int, rounds: int) -> dict[str, float]:
-    """Median microseconds per call of ours / torch's, no_grad / forward+backward, on ``shape``."""
+def measure(shape: tuple[int, ...], calls: int, rounds: int, evict_mib: int = 0) -> dict[str, float]:
+    """Median microseconds per call of ours / torch's, no_grad / forward+backward, on ``shape``; with
+    ``evict_mib``, a buffer of that size is written before each call, outside the timing."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).requires_grad_(True)
     y = torch.rand(shape, generator=g)
+    junk = torch.empty(evict_mib << 18) if evict_mib else None  # float32: 2**18 per MiB
 
     def step(fn):
         def run():
@@ -52,10 +59,19 @@ def measure(shape: tuple[int, ...], calls: int, rounds: int) -> dict[str, float]
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            if junk is None:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / calls * 1e6)
+                continue
+            spent = 0.0
             for _ in range(calls):
+                junk.fill_(1.0)
+                t0 = time.perf_counter()
                 fn()
-            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+                spent += time.perf_counter() - t0
+            times[name].append(spent / calls * 1e6)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -64,14 +80,17 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="64x10,256x100,256x300,256x1000", help="comma-separated, e.g. 64x10")
     p.add_argument("--calls", type=int, default=300, help="calls per round (default 300)")
     p.add_argument("--rounds", type=int, default=7, help="rounds; the medians are reported (default 7)")
+    p.add_argument("--evict", type=int, default=0, metavar="MB", help="write MB MiB before each call")
     a = p.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; µs per call, medians of {a.rounds}")
+    evict = f", {a.evict} MiB written before each call" if a.evict else ""
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; µs per call, medians of {a.rounds}{evict}")
     print()
     print("| shape | elements | ours fwd | torch fwd | ours fwd+bwd | torch fwd+bwd |")
     print("|---|---:|---:|---:|---:|---:|")
     for text in a.shapes.split(","):
         shape = _shape(text)
-        m = measure(shape, a.calls, a.rounds)
+        m = measure(shape, a.calls, a.rounds, a.evict)
         n = 1
         for d in shape:
             n *= d

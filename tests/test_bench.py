@@ -181,3 +181,6 @@ def test_small_calls_script_prints_one_row_per_shape(capsys):
     ]
     assert [r.split("|")[2].strip() for r in rows] == ["12", "70"]
     assert all(float(c) > 0 for r in rows for c in r.strip("|").split("|")[2:])
+    assert mod.main(["--shapes", "4x3", "--calls", "2", "--rounds", "1", "--evict", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 MiB written before each call" in out and "| 4x3 | 12 |" in out
