@@ -207,6 +207,20 @@ def test_target_on_another_device_is_runtime_error(options, other):
         bcelogits.BCEWithLogitsLoss(**options)(x, y)
 
 
+@pytest.mark.parametrize("name", ["weight", "pos_weight"])
+def test_weight_on_another_device_is_runtime_error(name):
+    """The same rule for a weight or pos_weight on another device than the input: RuntimeError like
+    torch's, naming the argument and the fix."""
+    x, y = torch.randn(64, 100), torch.rand(64, 100)
+    kw = {name: torch.rand(100, device="meta")}
+    with pytest.raises(RuntimeError):
+        F.binary_cross_entropy_with_logits(x, y, **kw)
+    with pytest.raises(RuntimeError, match=rf"'{name}' is on meta but input is on cpu.*{name}\.to\(input"):
+        bcelogits.binary_cross_entropy_with_logits(x, y, **kw)
+    with pytest.raises(RuntimeError, match=rf"'{name}' is on meta"):
+        bcelogits.BCEWithLogitsLoss(**kw)(x, y)
+
+
 def test_target_size_mismatch_exact_spec_message():
     with pytest.raises(
         ValueError,

@@ -335,7 +335,9 @@ def test_masked_array_check_imports_nothing():
     r = _run_without_torch(code)
     assert r.returncode == 0, r.stderr
     before, after = r.stdout.split()
-    assert after == before
+    if before == "True":
+        pytest.skip("this NumPy imports numpy.ma itself: nothing to check")
+    assert after == "False"
 
 
 def test_module_without_torch_says_how_to_install():

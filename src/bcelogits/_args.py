@@ -265,11 +265,13 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
             f"Target size ({_shape_str(target)}) must be the same as input size ({_shape_str(input)})"
         )
     shape = tuple(input.shape)
-    if torch is not None and target.device != input.device:
-        raise RuntimeError(
-            f"{FUNCTION}(): 'target' is on {target.device} but input is on {input.device}; "
-            "move it with target.to(input.device)"
-        )
+    if torch is not None:
+        for name, a in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+            if a is not None and a.device != input.device:
+                raise RuntimeError(
+                    f"{FUNCTION}(): '{name}' is on {a.device} but input is on {input.device}; "
+                    f"move it with {name}.to(input.device)"
+                )
 
     # dtypes: the loss has the target's dtype; 16-bit math is done in float32 and rounded once.
     if torch is not None:
@@ -296,11 +298,6 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
                 raise RuntimeError(
                     f"The function '{FUNCTION}' is not differentiable with respect to argument '{name}'. "
                     f"This input cannot have requires_grad True; pass {name}.detach()"
-                )
-            if w.device != input.device:
-                raise RuntimeError(
-                    f"{FUNCTION}(): '{name}' is on {w.device} but input is on {input.device}; "
-                    f"move it with {name}.to(input.device)"
                 )
 
     if pos_weight is not None and options.class_dim is not None:
