@@ -8,8 +8,10 @@ median over rounds of the same-round ratio torch / bcelogits. Times are medians 
 - ``fwd``: the loss under ``torch.no_grad()``;
 - ``fwd+bwd``: ``loss = f(x, y); loss.backward()`` with ``x.grad = None`` before each round, so the
   gradient is a fresh tensor as in a training step;
-- floor (CPU, ``fwd+bwd``): ``torch.add(x, y)`` into a new tensor of the input's size, the least any
-  function that returns an input-sized tensor pays (on big tensors mostly first-touch page faults);
+- floor (CPU), measured in every round after both libraries: for ``fwd+bwd``, ``torch.add(x, y)`` into a
+  new tensor of the input's size, the least any function that returns an input-sized tensor pays (on big
+  tensors mostly first-touch page faults); for ``fwd``, reading the inputs once (``torch.dot(x, y)``, plus
+  ``weight.sum()`` for a full-shape weight), the least any loss of these inputs pays;
 - peak extra memory: one fresh subprocess per (cell, library) measures the resident-set high-water mark of
   one call above what the inputs already hold, in units of one input-sized tensor (CUDA:
   ``torch.cuda.max_memory_allocated``);
@@ -139,7 +141,8 @@ class Row:
     speedup: float  # median over rounds of torch / bcelogits (> 1: bcelogits faster)
     speedup_min: float
     speedup_max: float
-    floor_ms: float | None = None  # CPU fwd+bwd: torch.add into a fresh tensor; CUDA: clone of the same bytes
+    # CPU fwd+bwd: torch.add into a fresh tensor; CPU fwd: one read of the inputs; CUDA: clone of the bytes
+    floor_ms: float | None = None
     bcelogits_over_floor: float | None = None
     torch_gbps: float | None = None
     bcelogits_gbps: float | None = None
@@ -273,6 +276,24 @@ def _floor_once(inp: Inputs, sync) -> float:
         t = time.perf_counter() - t0
     del z
     return t
+
+
+def _read_floor_once(inp: Inputs, sync) -> float:
+    """Seconds to read the input-sized tensors of a forward call once: ``torch.dot(x, y)`` (the fastest
+    pass over two tensors torch has on CPU, measured against ``x.sum(), y.sum()``), plus ``weight.sum()``
+    when the weight is full-shape."""
+    import torch
+
+    a, b = inp.x.detach().reshape(-1), inp.y.reshape(-1)
+    w = inp.kw_torch.get("weight")
+    with torch.no_grad():
+        sync()
+        t0 = time.perf_counter()
+        torch.dot(a, b)
+        if w is not None:
+            w.sum()
+        sync()
+        return time.perf_counter() - t0
 
 
 def _copy_once(buf, sync) -> float:
@@ -652,8 +673,8 @@ def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
                 errs[lib] = (loss_error(loss, ref), grad_error(x.grad, ref) if fb else None)
             del loss
             x.grad = None
-        if fb and device == "cpu":
-            times["floor"] = _floor_once(inp, sync)
+        if device == "cpu":
+            times["floor"] = _floor_once(inp, sync) if fb else _read_floor_once(inp, sync)
         if buf is not None:
             times["copy"] = _copy_once(buf, sync)
         rounds.append(times)
@@ -797,9 +818,12 @@ def format_table(rows: list, device: str = "cpu") -> str:
 FOOTNOTES_CPU = """\
 speed-up: median over rounds of torch time / bcelogits time in the same round (> 1: bcelogits is faster);
 times are medians; torch and bcelogits alternate which goes first. fwd: under torch.no_grad(); fwd+bwd:
-loss + loss.backward() with x.grad = None before each round. floor: torch.add(x, y) into a fresh tensor of the
-input's size (what producing an input-sized tensor costs with torch's allocator: mostly first-touch page
-faults on big tensors; bcelogits asks for huge pages for its own big outputs, which makes it cheaper).
+loss + loss.backward() with x.grad = None before each round. floor, fwd+bwd: torch.add(x, y) into a fresh
+tensor of the input's size (what producing an input-sized tensor costs with torch's allocator: mostly
+first-touch page faults on big tensors; bcelogits asks for huge pages for its own big outputs, which makes
+it cheaper); fwd: reading the inputs once, torch.dot(x, y) (+ weight.sum() for a full weight): no loss can
+beat it, so torch ms / floor ms is the most any forward could gain. The floor runs after both libraries in
+each round, so it finds its inputs where the second of them left them.
 peak extra mem: resident high-water mark of one call (fresh process) above the inputs, in input-sized
 tensors; the gradient itself is 1. max err vs torch float64 on the same inputs: fwd rows the loss (relative),
 fwd+bwd rows the gradient (max abs error / max abs gradient); loss errors of fwd+bwd are in the CSV.
@@ -845,8 +869,14 @@ def _color(config_label: str) -> str:
     )
 
 
+def _at_floor(r) -> float | None:
+    """``torch ms / floor ms``: the speed-up of a call that took the floor's time (None without a floor)."""
+    return r.torch_ms / r.floor_ms if r.floor_ms else None
+
+
 def plot(rows: list, path: str, title: str, subtitle: str = "") -> None:
-    """Grouped horizontal bars of the speed-up per size and configuration, one panel per mode."""
+    """Grouped horizontal bars of the speed-up per size and configuration, one panel per mode; a hollow
+    diamond marks the speed-up a call taking the floor's time would have (see the table's floor column)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -855,13 +885,15 @@ def plot(rows: list, path: str, title: str, subtitle: str = "") -> None:
     modes = [m for m in MODES if any(r.mode == m for r in rows)]
     sizes = list(dict.fromkeys((r.size, r.shape) for r in rows))
     kinds = list(dict.fromkeys(r.config.split(" (")[0] for r in rows))  # no weights / weight / pos_weight
-    vals = [r.speedup for r in rows]
+    vals = [r.speedup for r in rows] + [_at_floor(r) for r in rows if _at_floor(r)]
     lo, hi = min(vals + [1.0]), max(vals + [1.0])
     log = hi / lo > 6
     height = 0.8 / max(len(kinds), 1)
     fig, axes = plt.subplots(
         1, len(modes), figsize=(6.2 * len(modes), 1.6 + 1.15 * len(sizes)), squeeze=False, sharex=True
     )
+    floor_label = "speed-up at the floor (torch ms / floor ms)"
+    floor_labelled = False
     for ax, mode in zip(axes[0], modes):
         ax.axvspan(1.0, hi * 10, color="#2ca02c", alpha=0.06, lw=0)
         ax.axvspan(lo / 10 if log else 0, 1.0, color="#d62728", alpha=0.06, lw=0)
@@ -889,6 +921,12 @@ def plot(rows: list, path: str, title: str, subtitle: str = "") -> None:
                     capsize=2,
                     alpha=0.6,
                 )
+                if _at_floor(r):
+                    ax.plot(
+                        _at_floor(r), yv, marker="D", ms=4.5, mfc="white", mec="#333", mew=1.0, ls="none",
+                        label=floor_label if not floor_labelled else None, zorder=3,
+                    )  # fmt: skip
+                    floor_labelled = True
                 ax.annotate(
                     f"{r.speedup:.2f}x",
                     (r.speedup, yv),
@@ -916,7 +954,7 @@ def plot(rows: list, path: str, title: str, subtitle: str = "") -> None:
 
     for ax in axes[0]:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = axes[0][0].get_legend_handles_labels()  # (the floor marker is labelled there)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
