@@ -466,6 +466,20 @@ def test_weight_fills_have_no_gathers_or_scatters():
     assert not re.findall(r"@llvm\.masked\.(?:gather|scatter)", ir)
 
 
+def test_worker_prefetches_the_next_block():
+    """While it computes a block, the worker prefetches the next block's input streams (x, y, a
+    full-shape weight, the upstream gradient of reduction='none'), part by part: an ``llvm.prefetch`` in
+    the worker of each mode. The element loops are left as they were: vectorised, 16 float32 wide."""
+    for mode, uses in ((0, ""), (1, "w"), (2, "p")):
+        ir = cpu._compile(False, mode, False, uses).inspect_llvm()
+        worker = re.search(r"^define [^\n]*_work_[^\n]*\{$(.*?)^\}$", ir, re.M | re.S)
+        assert worker, mode
+        assert "@llvm.prefetch" in worker.group(1), mode
+        loop = {0: "_loop_loss", 1: "_loop_grad", 2: "_loop_go"}[mode]
+        body = re.search(r"^define [^\n]*" + loop + r"[^\n]*\{$(.*?)^\}$", ir, re.M | re.S)
+        assert body and "<16 x float>" in body.group(1), loop
+
+
 def test_kernels_compile_lazily_and_load_from_the_cache(tmp_path):
     """available() imports and compiles nothing; each specialisation compiles on its first use, and only
     that one; a later process loads it from the on-disk cache without importing numba, and gets the
