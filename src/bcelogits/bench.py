@@ -11,7 +11,7 @@ median over rounds of the same-round ratio torch / bcelogits. Times are medians 
 - floor (CPU), measured in every round after both libraries: for ``fwd+bwd``, ``torch.add(x, y)`` into a
   new tensor of the input's size, the least any function that returns an input-sized tensor pays (on big
   tensors mostly first-touch page faults); for ``fwd``, reading the inputs once (``torch.dot(x, y)``, plus
-  ``weight.sum()`` for a full-shape weight), the least any loss of these inputs pays;
+  ``.sum()`` of an input-sized weight or pos_weight), the least any loss of these inputs pays;
 - peak extra memory: one fresh subprocess per (cell, library) measures the resident-set high-water mark of
   one call above what the inputs already hold, in units of one input-sized tensor (CUDA:
   ``torch.cuda.max_memory_allocated``);
@@ -280,18 +280,19 @@ def _floor_once(inp: Inputs, sync) -> float:
 
 def _read_floor_once(inp: Inputs, sync) -> float:
     """Seconds to read the input-sized tensors of a forward call once: ``torch.dot(x, y)`` (the fastest
-    pass over two tensors torch has on CPU, measured against ``x.sum(), y.sum()``), plus ``weight.sum()``
-    when the weight is full-shape."""
+    pass over two tensors torch has on CPU, measured against ``x.sum(), y.sum()``), plus ``.sum()`` of a
+    weight or pos_weight with as many elements as the input (a full-shape weight; the pos_weight of a
+    (1, C) input)."""
     import torch
 
     a, b = inp.x.detach().reshape(-1), inp.y.reshape(-1)
-    w = inp.kw_torch.get("weight")
+    more = [t for t in inp.kw_torch.values() if torch.is_tensor(t) and t.numel() == a.numel()]
     with torch.no_grad():
         sync()
         t0 = time.perf_counter()
         torch.dot(a, b)
-        if w is not None:
-            w.sum()
+        for t in more:
+            t.sum()
         sync()
         return time.perf_counter() - t0
 
@@ -821,9 +822,9 @@ times are medians; torch and bcelogits alternate which goes first. fwd: under to
 loss + loss.backward() with x.grad = None before each round. floor, fwd+bwd: torch.add(x, y) into a fresh
 tensor of the input's size (what producing an input-sized tensor costs with torch's allocator: mostly
 first-touch page faults on big tensors; bcelogits asks for huge pages for its own big outputs, which makes
-it cheaper); fwd: reading the inputs once, torch.dot(x, y) (+ weight.sum() for a full weight): no loss can
-beat it, so torch ms / floor ms is the most any forward could gain. The floor runs after both libraries in
-each round, so it finds its inputs where the second of them left them.
+it cheaper); fwd: reading the inputs once, torch.dot(x, y) (+ .sum() of an input-sized weight or
+pos_weight): no loss can beat it, so torch ms / floor ms is the most any forward could gain. The floor
+runs after both libraries in each round, so it finds its inputs where the second of them left them.
 peak extra mem: resident high-water mark of one call (fresh process) above the inputs, in input-sized
 tensors; the gradient itself is 1. max err vs torch float64 on the same inputs: fwd rows the loss (relative),
 fwd+bwd rows the gradient (max abs error / max abs gradient); loss errors of fwd+bwd are in the CSV.
