@@ -25,11 +25,13 @@ float32 and 5e-16 in float64, loss and gradient.
 Memory: a block's inputs come from memory, not from cache, whenever the inputs are bigger than the
 caches or other work ran since they were written, as in a training step; the loops then took 1.5-2x
 their time in cache, the hardware prefetchers (which stop at each 4 KiB page) not hiding the wait. So the
-element loops after the first run over the block in parts of :data:`SUB` elements and, after each part,
-prefetch the same part of the next block's input streams into L2 (:func:`_prefetch_next`): about two
-lines per 16 elements, spread over the block (a whole block prefetched at once measured slower), and the
-data is in L2 one block later. With the inputs in memory: loss only 10-22 % faster, loss and gradient
-5-17 %; read back to back from the L3 cache: 5-15 % slower (Intel Xeon with AVX-512; see the README).
+worker computes a block in parts of :data:`SUB` elements and, after each part, prefetches the same part
+of the next block's input streams into L2 (:func:`_i_prefetch_next`): about two lines per 16 elements,
+spread over the block (a whole block prefetched at once measured slower; a prefetch inside an element
+loop keeps LLVM from vectorising it), so the data is in L2 a block later. float32, 4.1M elements, 2
+threads, with 64 MiB written before each call: loss only 2.28-2.47 -> 1.61-1.68 ms, loss and gradient
+2.87-3.07 -> 2.19-2.32, with a full weight 3.32 -> 3.12-3.18; read back to back from the L3 cache: loss
+only 5-8 % slower, loss and gradient unchanged (Intel Xeon with AVX-512; README).
 
 Work split: the flat input is cut into fixed blocks of :data:`BLOCK` elements. A call runs on up to
 ``torch.get_num_threads()`` threads (capped by ``NUMBA_NUM_THREADS`` if set, else by the CPUs the
@@ -403,17 +405,18 @@ def _i_wide(typingctx):
     return types.none(), codegen
 
 
-def _i_prefetch_next(typingctx, nxt, j):
-    """Prefetch elements ``j .. j+SUB-1`` of each array of the tuple ``nxt`` (those that exist) into L2:
-    one ``llvm.prefetch`` (read, locality 2: on x86 ``prefetcht1``) per 64-byte line. Written as an
-    intrinsic, the loops cost nothing to compile (as a numba function, called from each element loop,
-    they added about 0.25 s to a first compile)."""
+def _i_prefetch_next(typingctx, arrs, mask, start, stop):
+    """Prefetch elements ``start .. stop-1`` (clipped to each array's size) of the arrays of the tuple
+    ``arrs`` whose bit is set in ``mask`` (bit ``k`` for ``arrs[k]``) into L2: one ``llvm.prefetch``
+    (read, locality 2: on x86 ``prefetcht1``) per 64-byte line. An intrinsic, the loops cost almost nothing
+    to compile (as a numba function called from each element loop they added about 0.25 s to a first
+    compile, and building views of the next block in the worker another 0.1 s)."""
     from llvmlite import ir
     from numba.core import cgutils, types
 
-    if not (isinstance(nxt, types.BaseTuple) and all(isinstance(t, types.Array) for t in nxt)):
+    if not (isinstance(arrs, types.BaseTuple) and all(isinstance(t, types.Array) for t in arrs)):
         return None
-    if not isinstance(j, types.Integer):
+    if not all(isinstance(t, types.Integer) for t in (mask, start, stop)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -422,21 +425,22 @@ def _i_prefetch_next(typingctx, nxt, j):
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
         )
-        start = context.cast(builder, args[1], sig.args[1], types.intp)
-        end = builder.add(start, context.get_constant(types.intp, SUB))
+        bits, lo, hi = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:]))
         for k, aty in enumerate(sig.args[0]):
-            ary = context.make_array(aty)(context, builder, builder.extract_value(args[0], k))
-            size = builder.extract_value(ary.shape, 0)
-            stop = builder.select(builder.icmp_signed("<", end, size), end, size)
-            step = context.get_constant(
-                types.intp, 64 // context.get_abi_sizeof(context.get_data_type(aty.dtype))
-            )
-            with cgutils.for_range_slice(builder, start, stop, step) as (q, _):
-                ptr = builder.bitcast(builder.gep(ary.data, [q]), i8p)
-                builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+            on = builder.icmp_signed("!=", builder.and_(bits, bits.type(1 << k)), bits.type(0))
+            with builder.if_then(on):
+                ary = context.make_array(aty)(context, builder, builder.extract_value(args[0], k))
+                size = builder.extract_value(ary.shape, 0)
+                end = builder.select(builder.icmp_signed("<", hi, size), hi, size)
+                step = context.get_constant(
+                    types.intp, 64 // context.get_abi_sizeof(context.get_data_type(aty.dtype))
+                )
+                with cgutils.for_range_slice(builder, lo, end, step) as (q, _):
+                    ptr = builder.bitcast(builder.gep(ary.data, [q]), i8p)
+                    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
-    return types.none(nxt, j), codegen
+    return types.none(arrs, mask, start, stop), codegen
 
 
 # The names the compiled code calls; _build() binds them to numba intrinsics made from the functions above.
@@ -792,9 +796,16 @@ def _make_worker(mode, focal, uses):
             gT = _cast(one, gamma)
         else:
             gT = None
-        # A weight read straight from the input-sized array (not expanded, not filled) is a stream too.
-        w_full = has_w and wi == 1 and w.size == n and wext.size == 0
-        p_full = has_p and pi == 1 and p.size == n and pext.size == 0
+        # The arrays the worker reads from memory block after block: x, y, a weight read straight from an
+        # input-sized array (not expanded, not filled), the upstream gradient.
+        streams = (x, y, w, p, go)
+        pmask = 3
+        if has_w and wi == 1 and w.size == n and wext.size == 0:
+            pmask |= 4
+        if has_p and pi == 1 and p.size == n and pext.size == 0:
+            pmask |= 8
+        if mode == 2:
+            pmask |= 16
         while True:
             c = _fetch_add(ctr, chunk)
             if c >= nb:
@@ -817,15 +828,9 @@ def _make_worker(mode, focal, uses):
                 lv = _view(lo, s, s + m) if flags & 1 else _view(scratch, 2 * BLOCK, 2 * BLOCK + m)
                 hv = _view(scratch, 3 * BLOCK, 3 * BLOCK + m)
                 _outlined(_loop_h, (xs, hv))
-                # The next block's input streams (empty past the end of the input), prefetched part by
-                # part while this block is computed in parts of SUB elements.
-                ns = s + BLOCK if s + BLOCK < n else n
-                ne = ns + BLOCK if ns + BLOCK < n else n
-                none = _view(x, 0, 0)
-                nxt = (
-                    _view(x, ns, ne), _view(y, ns, ne), _view(w, ns, ne) if w_full else none,
-                    _view(p, ns, ne) if p_full else none, _view(go, ns, ne) if mode == 2 else none,
-                )  # fmt: skip
+                # While this block is computed in parts of SUB elements, the same parts of the next block's
+                # input streams are prefetched (none past the end of the input).
+                ns = s + BLOCK
                 for j in range(0, m, SUB):
                     e = j + SUB if j + SUB < m else m
                     xj, hj, yj = _view(xs, j, e), _view(hv, j, e), _view(ys, j, e)
@@ -841,7 +846,7 @@ def _make_worker(mode, focal, uses):
                         _outlined(
                             _loop_go, (xj, hj, yj, wj, pj, _view(go, s + j, s + e), gj, k1, k0, igT, gT)
                         )
-                    _prefetch_next(nxt, j)
+                    _prefetch_next(streams, pmask, ns + j, ns + e)
                 if mode != 2 and flags & 2:
                     part[b] = _loss_sum(lv)
                 if has_ig:
