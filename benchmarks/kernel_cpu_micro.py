@@ -1,13 +1,17 @@
 # ruff: noqa: B023  (the timed closures are called within the loop iteration that defines them)
 """Microbenchmark of the fused numba CPU kernel (bcelogits.kernels.cpu) against torch, same process.
 
-    PYTHONPATH=src python benchmarks/kernel_cpu_micro.py [--sizes 4100000 84000000] [--reps 7]
+    PYTHONPATH=src python benchmarks/kernel_cpu_micro.py [--sizes 4100000 84000000] [--reps 7] [--evict 64]
     PYTHONPATH=src python benchmarks/kernel_cpu_micro.py --compile   # first-call compile / cached load
 
 Times are medians of ``--reps`` wall-clock runs (after one warm-up run); the CPU time per call (all
 threads) shows whether the threads really ran in parallel (about 2x the wall time with 2 threads) or
 the machine was busy. torch runs
 ``F.binary_cross_entropy_with_logits`` (mean) forward under ``torch.no_grad()``, and forward + backward.
+``--torch-memory`` hands the kernel tensors torch allocated (ordinary 4 KiB pages) instead of NumPy
+arrays (2 MiB pages from 4 MiB up). ``--evict MB`` writes a buffer of that many MiB before each timed
+call (outside the timing), as a model's own work would between two loss calls: the inputs then come from
+memory, not from the cache.
 ``--compile --no-scipy`` hides scipy from the child processes (as in a fresh venv without it: numba
 imports scipy.linalg, when present, on its first compile).
 """
@@ -25,20 +29,27 @@ import time
 import numpy as np
 
 
-def _median_time(fn, reps):
-    """(median wall seconds, process CPU seconds per call) over ``reps`` calls after a warm-up call."""
+def _median_time(fn, reps, evict=None):
+    """(median wall seconds, process CPU seconds per call) over ``reps`` calls after a warm-up call;
+    ``evict``: an array written before each call (its time is in neither number)."""
     fn()
     ts = []
-    c0 = time.process_time()
+    cpu_s = 0.0
     for _ in range(reps):
+        if evict is not None:
+            evict += 1.0
+        c0 = time.process_time()
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts)), (time.process_time() - c0) / reps
+        cpu_s += time.process_time() - c0
+    return float(np.median(ts)), cpu_s / reps
 
 
-def _cases(n, dtype):
-    """The timed callables for one size (closures over this size's arrays)."""
+def _cases(n, dtype, torch_memory=False):
+    """The timed callables for one size (closures over this size's arrays). ``torch_memory``: the kernel's
+    arrays are tensors torch allocated (ordinary 4 KiB pages, as for a model's tensors), not NumPy arrays
+    (which NumPy puts on 2 MiB pages from 4 MiB up, where Linux allows it)."""
     import torch
     import torch.nn.functional as F
 
@@ -47,10 +58,16 @@ def _cases(n, dtype):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(n, dtype=np.float32) * 4).astype(dtype)
     y = (rng.random(n, dtype=np.float32) > 0.5).astype(dtype)
+    w = (rng.random(n, dtype=np.float32) + 0.5).astype(dtype)
     g = np.zeros_like(x)
     lo = np.zeros_like(x)
     go = np.ones_like(x)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    if torch_memory:
+        x, y, w, g, lo, go = (
+            torch.empty(a.shape, dtype=xt.dtype).copy_(torch.from_numpy(a)) for a in (x, y, w, g, lo, go)
+        )
+        xt, yt = x, y
     scale = 1.0 / n
 
     def torch_fwd():
@@ -64,8 +81,18 @@ def _cases(n, dtype):
     return {
         "kernel loss-only (sum)": lambda: cpu.forward(x, y, None, 1, None, 1),
         "kernel loss+grad": lambda: cpu.forward(x, y, None, 1, None, 1, grad_out=g, grad_scale=scale),
+        "kernel loss+grad (full weight)": lambda: cpu.forward(
+            x, y, w, 1, None, 1, grad_out=g, grad_scale=scale, weight_sum=False
+        ),
         "kernel loss+grad (new out)": lambda: cpu.forward(
-            x, y, None, 1, None, 1, grad_out=np.empty_like(x), grad_scale=scale
+            x,
+            y,
+            None,
+            1,
+            None,
+            1,
+            grad_out=(torch.empty_like if torch_memory else np.empty_like)(x),
+            grad_scale=scale,
         ),
         "kernel loss_out": lambda: cpu.forward(x, y, None, 1, None, 1, loss_out=lo),
         "kernel backward_none": lambda: cpu.backward_none(x, y, None, 1, None, 1, go, g),
@@ -75,7 +102,7 @@ def _cases(n, dtype):
     }
 
 
-def bench(sizes, reps, dtype):
+def bench(sizes, reps, dtype, evict_mb=0, torch_memory=False):
     import torch
 
     from bcelogits.kernels import cpu
@@ -83,14 +110,17 @@ def bench(sizes, reps, dtype):
     assert cpu.available(), cpu.unavailable_reason
     print(
         f"threads: {cpu._num_threads()} (torch {torch.get_num_threads()}), dtype {dtype}, block {cpu.BLOCK}"
+        + (f", {evict_mb} MiB written before each call" if evict_mb else "")
+        + (", arrays allocated by torch" if torch_memory else ", NumPy arrays")
     )
+    evict = np.zeros(evict_mb << 18, np.float32) if evict_mb else None
     rows = []
     for n in sizes:
         print(f"\nn = {n:,}")
-        for name, fn in _cases(n, dtype).items():
-            t, cpu_s = _median_time(fn, reps)
+        for name, fn in _cases(n, dtype, torch_memory).items():
+            t, cpu_s = _median_time(fn, reps, evict)
             rows.append({"n": n, "case": name, "median_ms": t * 1e3, "cpu_ms_per_call": cpu_s * 1e3})
-            print(f"  {name:28s} {t * 1e3:10.2f} ms   ({cpu_s * 1e3:8.2f} ms cpu per call)")
+            print(f"  {name:31s} {t * 1e3:10.2f} ms   ({cpu_s * 1e3:8.2f} ms cpu per call)")
     return rows
 
 
@@ -145,12 +175,14 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--compile", action="store_true", help="measure compile and cache-load times only")
     ap.add_argument("--no-scipy", action="store_true", help="with --compile: children see no scipy")
+    ap.add_argument("--evict", type=int, default=0, metavar="MB", help="write MB MiB before each call")
+    ap.add_argument("--torch-memory", action="store_true", help="the kernel's arrays allocated by torch")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     if a.compile:
         compile_times(a.no_scipy)
         return
-    rows = bench(a.sizes, a.reps, np.dtype(a.dtype))
+    rows = bench(a.sizes, a.reps, np.dtype(a.dtype), a.evict, a.torch_memory)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -184,3 +184,25 @@ def test_small_calls_script_prints_one_row_per_shape(capsys):
     assert mod.main(["--shapes", "4x3", "--calls", "2", "--rounds", "1", "--evict", "1"]) == 0
     out = capsys.readouterr().out
     assert "1 MiB written before each call" in out and "| 4x3 | 12 |" in out
+
+
+def test_kernel_micro_script_runs_every_case(capsys, tmp_path):
+    """benchmarks/kernel_cpu_micro.py (the README's kernel-alone numbers) runs every case on NumPy arrays
+    and on tensors torch allocated, with eviction, and writes its rows."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "kernel_cpu_micro.py"
+    spec = importlib.util.spec_from_file_location("kernel_cpu_micro", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for extra in ([], ["--torch-memory"]):
+        out = tmp_path / "rows.json"
+        mod.main(["--sizes", "5000", "--reps", "1", "--evict", "1", "--json", str(out), *extra])
+        rows = json.loads(out.read_text())
+        assert {r["case"] for r in rows} >= {"kernel loss-only (sum)", "kernel loss+grad (full weight)"}
+        assert all(r["n"] == 5000 and r["median_ms"] > 0 for r in rows)
+        text = capsys.readouterr().out
+        assert "1 MiB written before each call" in text
+        assert ("arrays allocated by torch" in text) == bool(extra)

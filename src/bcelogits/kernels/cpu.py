@@ -28,10 +28,12 @@ their time in cache, the hardware prefetchers (which stop at each 4 KiB page) no
 worker computes a block in parts of :data:`SUB` elements and, after each part, prefetches the same part
 of the next block's input streams into L2 (:func:`_i_prefetch_next`): about two lines per 16 elements,
 spread over the block (a whole block prefetched at once measured slower; a prefetch inside an element
-loop keeps LLVM from vectorising it), so the data is in L2 a block later. float32, 4.1M elements, 2
-threads, with 64 MiB written before each call: loss only 2.28-2.47 -> 1.61-1.68 ms, loss and gradient
-2.87-3.07 -> 2.19-2.32, with a full weight 3.32 -> 3.12-3.18; read back to back from the L3 cache: loss
-only 5-8 % slower, loss and gradient unchanged (Intel Xeon with AVX-512; README).
+loop keeps LLVM from vectorising it), so the data is in L2 a block later. float32, 2 threads, tensors
+torch allocated, 64 MiB written before each call (``benchmarks/kernel_cpu_micro.py --evict 64
+--torch-memory``): 4.1M loss only 2.12-2.36 -> 1.25-1.37 ms, loss and gradient 2.68-2.86 -> 1.89-1.91;
+16.8M 9.40-9.65 -> 6.92 and 11.39-11.54 -> 9.33-9.48. Read back to back from the L3 cache, loss only is
+5-8 % slower; on inputs on 2 MiB pages the gain at 16.8M is gone and the 'none' backward loses 5-8 %
+(Intel Xeon with AVX-512; README).
 
 Work split: the flat input is cut into fixed blocks of :data:`BLOCK` elements. A call runs on up to
 ``torch.get_num_threads()`` threads (capped by ``NUMBA_NUM_THREADS`` if set, else by the CPUs the
