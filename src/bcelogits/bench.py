@@ -9,9 +9,10 @@ median over rounds of the same-round ratio torch / bcelogits. Times are medians 
 - ``fwd+bwd``: ``loss = f(x, y); loss.backward()`` with ``x.grad = None`` before each round, so the
   gradient is a fresh tensor as in a training step;
 - floor (CPU), measured in every round after both libraries: for ``fwd+bwd``, ``torch.add(x, y)`` into a
-  new tensor of the input's size, the least any function that returns an input-sized tensor pays (on big
-  tensors mostly first-touch page faults); for ``fwd``, reading the inputs once (``torch.dot(x, y)``, plus
-  ``.sum()`` of an input-sized weight or pos_weight), the least any loss of these inputs pays;
+  new tensor of the input's size, about what any function that returns an input-sized tensor from torch's
+  allocator pays (on big tensors mostly first-touch page faults); for ``fwd``, reading the inputs once
+  (``torch.dot(x, y)``, plus ``.sum()`` of an input-sized weight or pos_weight), the least any loss of
+  these inputs pays;
 - peak extra memory: one fresh subprocess per (cell, library) measures the resident-set high-water mark of
   one call above what the inputs already hold, in units of one input-sized tensor (CUDA:
   ``torch.cuda.max_memory_allocated``);
