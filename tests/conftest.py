@@ -28,15 +28,14 @@ if _HERE not in sys.path:
 def pytest_sessionstart(session):
     """Run one multi-threaded torch operator before any test, and check that it was right.
 
-    torch 2.13.0 (CPU wheel) on this project's 2-core Intel VM: in a fresh process that has defined a
-    ``torch.library`` custom op (importing bcelogits does; a dummy op defined in a script does too), the
-    first multi-threaded elementwise operator occasionally computes the share of torch's second OpenMP
-    thread wrongly: ``torch.exp`` off by up to 6e-4 relative, 1 process in 8 to 15, not seen with
-    one thread, and every later call right. Without a custom op: 0 in 30 (``torch.exp`` on the 3075 logits
-    of test_accuracy's grid, fresh processes). This is not in bcelogits' arithmetic (it needs no call of
-    ours), but it made the first test of a run, an accuracy test of the plain path built on torch's
-    operators, fail now and then. With this warm-up: 0 failures in 36 runs of that test alone. The
-    check below still fails the run if torch's exp is wrong after the warm-up."""
+    torch 2.13.0 (CPU wheel) on this project's 2-core Intel VM: in a fresh process the first
+    multi-threaded elementwise operator occasionally computes the share of torch's second OpenMP thread
+    wrongly (``torch.exp`` off by 1.5e-4 to 6e-4 relative, not seen with one thread, every later call
+    right). It is torch's own: 1 in 40 fresh processes that import only torch, 2 in 40 with a dummy
+    custom op, 0 in 40 after ``import bcelogits`` (tests/scripts/torch_first_op.py). It needs no call
+    of ours, but it made the first test of a run, an accuracy test of the plain path built on torch's
+    operators, fail now and then (1 run in 8 to 15). With this warm-up: 0 failures in 36 runs of that
+    test alone. The check below still fails the run if torch's exp is wrong after the warm-up."""
     x = torch.linspace(-50.0, 0.0, 1 << 18)
     for _ in range(2):
         got = torch.exp(x).double()
