@@ -11,8 +11,9 @@ two coefficients add up to 1 and the loss is computed as ``cb a + log1p(e)``.
 Speed comes from LLVM vectorising the element loops (AVX2 or AVX-512, whatever the host has; the
 functions ask for 512-bit vectors, which LLVM's tuning for Intel AVX-512 CPUs would not use, see
 :func:`_i_wide`). Each
-block of :data:`BLOCK` elements is done in two loops: the first computes ``h`` from ``x`` into a scratch
-buffer that stays in L1, the second everything else. One loop would do the same arithmetic, but each
+part of :data:`SUB` elements of a block is done in two loops: the first computes ``h`` from ``x`` into a
+scratch buffer that stays in L1, the second everything else (with focal, the first runs over the whole
+block of :data:`BLOCK` elements at once, see below). One loop would do the same arithmetic, but each
 element's chain exp -> log1p -> loss is then too long for the out-of-order core to overlap enough
 iterations, and it measured 25-35 % slower. numba
 has no vector math library here (no SVML), so ``exp`` and ``log1p`` are written below as branch-free
@@ -33,7 +34,11 @@ torch allocated, 64 MiB written before each call (``benchmarks/kernel_cpu_micro.
 --torch-memory``): 4.1M loss only 2.12-2.36 -> 1.25-1.37 ms, loss and gradient 2.68-2.86 -> 1.89-1.91;
 16.8M 9.40-9.65 -> 6.92 and 11.39-11.54 -> 9.33-9.48. Read back to back from the L3 cache, loss only is
 5-8 % slower; on inputs on 2 MiB pages the gain at 16.8M is gone and the 'none' backward loses 5-8 %
-(Intel Xeon with AVX-512; README).
+(Intel Xeon with AVX-512; README). The exponential pass runs part by part too, so the prefetches are
+spread over all of a block's time, not only over the second loop's 60 % of it: 16.8M, same command, six
+alternated runs each, medians: loss only 7.50 -> 7.22 ms, loss and gradient 10.18 -> 9.59, the 'none'
+backward 11.42 -> 10.72; in cache within noise. Not with focal: its loop is long enough on its own, and
+there the part-by-part exponential was slower (17.3 -> 18.0 ms), so focal keeps one pass per block.
 
 Work split: the flat input is cut into fixed blocks of :data:`BLOCK` elements. A call runs on up to
 ``torch.get_num_threads()`` threads (capped by ``NUMBA_NUM_THREADS`` if set, else by the CPUs the
@@ -501,8 +506,9 @@ def _log1p01(e):
     """``log1p(e)`` for ``e`` in ``[0, 1]``: ``2 atanh(e / (2 + e))``, from ``t = 2e / (2 + e)`` (no
     cancellation; ``2e`` is exact, so a denormal ``e`` comes out exactly, where ``e / 2`` would round).
     In float32 this measured faster than a division-free degree-8 polynomial in ``e`` once the
-    exponential moved to a pass of its own (0.88 against 0.96 ns per element and core, loss only): the
-    division runs on its own unit, and the polynomial in ``w`` is half as long."""
+    exponential moved to a pass of its own (0.88 against 0.96 ns per element and core, loss only, AMD
+    Zen 3): the division runs on its own unit, and the polynomial in ``w`` is half as long. On the Intel
+    machine a division-free degree-9 polynomial measured the same (README)."""
     return _atanh2((e + e) / (_k(e, 2.0, 2.0) + e))
 
 
@@ -554,8 +560,8 @@ def _log(v):
 
 
 def _half_exp(x):
-    """``h = exp(-|x|/2)``: the one exponential of an element, computed in a pass of its own over a block
-    (see :func:`_loop_h`).
+    """``h = exp(-|x|/2)``: the one exponential of an element, computed in a pass of its own over a part
+    of a block (see :func:`_loop_h`).
 
     h = exp(t), t = max(-a/2, lo) (NaN kept), t = k ln2 + r, h = (2^-off exp(r)) 2^(k+off): both factors
     are normal numbers, and the product rounds once into the denormal range. Computed from
@@ -830,13 +836,19 @@ def _make_worker(mode, focal, uses):
                     pv = None
                 lv = _view(lo, s, s + m) if flags & 1 else _view(scratch, 2 * BLOCK, 2 * BLOCK + m)
                 hv = _view(scratch, 3 * BLOCK, 3 * BLOCK + m)
-                _outlined(_loop_h, (xs, hv))
+                if focal:
+                    _outlined(_loop_h, (xs, hv))
                 # While this block is computed in parts of SUB elements, the same parts of the next block's
-                # input streams are prefetched (none past the end of the input).
+                # input streams are prefetched (none past the end of the input). Without focal the
+                # exponential pass runs part by part too, so the prefetches are spread over all of the
+                # block's time; the focal loop is long enough to spread them on its own, and there one
+                # exponential pass over the whole block measured faster (see the module docstring).
                 ns = s + BLOCK
                 for j in range(0, m, SUB):
                     e = j + SUB if j + SUB < m else m
                     xj, hj, yj = _view(xs, j, e), _view(hv, j, e), _view(ys, j, e)
+                    if not focal:
+                        _outlined(_loop_h, (xj, hj))
                     wj = None if wv is None else _view(wv, j, e)
                     pj = None if pv is None else _view(pv, j, e)
                     if mode == 0:
