@@ -8,9 +8,10 @@ then computes ``torch.exp(-a/2)`` on 3075 float32 values ``a`` in [0, 100] with 
 and compares it with the float64 result. It prints how many processes got a relative error above 1e-6.
 
 Why: torch 2.13.0 (CPU wheel) on this project's 2-core Intel VM now and then computes the share of its
-second OpenMP thread inaccurately in the first such operator of a process (up to 1.5e-4-6e-4 relative;
-later calls right). Seen in all three settings (README, Accuracy), so it is torch's own; the test suite
-runs one multi-threaded operator before its first test for that reason (tests/conftest.py).
+second OpenMP thread inaccurately in the first such operator of a process (1.5e-4 to 6e-4 relative;
+later calls right). Seen in all three settings (40 runs each: 1, 2 and 0; an earlier 30 runs after
+importing bcelogits: 2), so it is torch's own (README, Accuracy); the test suite runs one multi-threaded
+operator before its first test for that reason (tests/conftest.py).
 """
 
 from __future__ import annotations
