@@ -2,13 +2,14 @@
 16-bit, gapped views, mixed dtypes, an irregular weight broadcast): torch, bcelogits, and bcelogits with the
 plain path forced. This produced the table under "Routes and warnings" in the README.
 
-    PYTHONPATH=src python benchmarks/routes.py
+    PYTHONPATH=src python benchmarks/routes.py [--reps 9]
 
-Times are medians (ms) of 9 calls after a warm-up call (5 for the slow plain path), in one process.
+Times are medians (ms) of ``--reps`` calls after a warm-up call (5 for the slow plain path), in one process.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -50,14 +51,24 @@ def _cases():
     }  # fmt: skip
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reps", type=int, default=9, help="timed calls per route and case (default 9)")
+    reps = parser.parse_args(argv).reps
+    if reps < 1:
+        parser.error(f"--reps must be >= 1, got {reps}")
     print(f"{'input':40s} {'torch':>8s} {'ours':>8s} {'plain':>8s}   (ms, forward+backward)")
     for name, (x, y, w) in _cases().items():
         xg = x.detach().requires_grad_()
-        t = _median_ms(lambda: F.binary_cross_entropy_with_logits(xg, y, w).backward())  # noqa: B023
-        o = _median_ms(lambda: bcelogits.binary_cross_entropy_with_logits(xg, y, w).backward())  # noqa: B023
+        t = _median_ms(lambda: F.binary_cross_entropy_with_logits(xg, y, w).backward(), reps)  # noqa: B023
+        o = _median_ms(lambda: bcelogits.binary_cross_entropy_with_logits(xg, y, w).backward(), reps)  # noqa: B023
         with kernels.use("plain"):
-            p = _median_ms(lambda: bcelogits.binary_cross_entropy_with_logits(xg, y, w).backward(), n=5)  # noqa: B023
+            p = _median_ms(
+                lambda: bcelogits.binary_cross_entropy_with_logits(xg, y, w).backward(),  # noqa: B023
+                min(reps, 5),
+            )
         print(f"{name:40s} {t:8.1f} {o:8.1f} {p:8.1f}")
 
 

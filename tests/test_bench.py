@@ -111,6 +111,25 @@ def test_bad_arguments(capsys):
 def test_parse_shapes():
     assert bench._parse_shapes("16M, 2**20,1000") == [(15625, 1024), (1024, 1024), (1000,)]
     assert bench._parse_shapes([(3, 4), 2048]) == [(3, 4), (2, 1024)]
+    assert bench._parse_shapes("1e6,1.5K,1x16777216,64x80x128x128") == [
+        (1_000_000,), (1500,), (1, 16777216), (64, 80, 128, 128),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", ["0", "0K", "1.5", ",", "", "1x0", "-5", "2**"])
+def test_parse_shapes_rejects_sizes_that_are_not_element_counts(spec):
+    with pytest.raises(ValueError, match="size|shape"):
+        bench._parse_shapes(spec)
+
+
+def test_unwritable_outputs_are_refused_before_measuring(capsys, tmp_path):
+    missing = tmp_path / "no such folder"
+    for flag in ("csv", "plot"):
+        assert bench.main(_args(**{flag: str(missing / f"out.{flag}")})) == 2
+        err = capsys.readouterr().err
+        assert f"--{flag}" in err and "does not exist" in err
+    assert bench.main(_args(csv=str(tmp_path))) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_memory_subprocesses_count_the_gradient():

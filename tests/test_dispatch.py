@@ -258,7 +258,9 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_bad_backend_env_is_a_clear_error():
     r = _run("import bcelogits", BCELOGITS_BACKEND="fast")
-    assert r.returncode != 0 and "BCELOGITS_BACKEND='fast'" in r.stderr
+    assert r.returncode != 0 and "BCELOGITS_BACKEND='fast'" in r.stderr and "unset it" in r.stderr
+    r = _run("import bcelogits.kernels as k; print(k.current())", BCELOGITS_BACKEND="Plain")
+    assert r.returncode == 0 and r.stdout.strip() == "plain", r.stderr
 
 
 def test_import_compiles_nothing():
@@ -287,6 +289,20 @@ def test_missing_kernel_warns_once_and_stays_exact(monkeypatch):
     with kernels.use("plain"):
         torch.testing.assert_close(a, BCE(x, y), rtol=0, atol=0)
     assert torch.equal(a, b)
+
+
+def test_forced_cpu_kernel_unavailable_warns_too(monkeypatch):
+    """Forcing the CPU kernel where it cannot be built gives the plain path, and says so once."""
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "unavailable_reason", "numba is not installed")
+    monkeypatch.setitem(kernels._state, "warned", False)
+    x, y = np.zeros(4, np.float32), np.ones(4, np.float32)
+    with warnings.catch_warnings(record=True) as rec, kernels.use("cpu"):
+        warnings.simplefilter("always")
+        BCE(x, y)
+        BCE(x, y)
+    msgs = [str(r.message) for r in rec if issubclass(r.category, bcelogits.PerformanceWarning)]
+    assert len(msgs) == 1 and "numba is not installed" in msgs[0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

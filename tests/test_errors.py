@@ -412,3 +412,25 @@ def test_sparse_tensors_are_refused_with_the_argument_and_the_fix(name):
     with pytest.raises(bcelogits.LayoutError) as info:
         module(args["input"], args["target"])
     assert isinstance(info.value, TypeError)  # and a NotImplementedError, as torch's
+
+
+def test_warnings_point_at_the_callers_line():
+    """Every warning the argument checks give names the user's line, whichever entry point was used (the
+    module's call goes through nn.Module.__call__ and the functional: more frames than a direct call)."""
+    x, y = torch.rand(4), torch.rand(4)
+    calls = [
+        lambda: bcelogits.loss_and_grad(x.numpy(), y.numpy(), reduction="elementwise_mean"),
+        lambda: bcelogits.binary_cross_entropy_with_logits(x, y, reduction="elementwise_mean"),
+        lambda: bcelogits.BCEWithLogitsLoss(reduction="elementwise_mean")(x, y),
+        lambda: bcelogits.binary_cross_entropy_with_logits(x, y, size_average=False),
+        lambda: bcelogits.BCEWithLogitsLoss(reduce=False),
+        lambda: bcelogits.binary_cross_entropy_with_logits(x, y, strict=True),
+        lambda: bcelogits.BCEWithLogitsLoss(strict=True)(x, y),
+        lambda: bcelogits.loss_and_grad(x, y, strict=True),
+    ]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            call()
+        assert len(rec) == 1, [str(r.message) for r in rec]
+        assert rec[0].filename == __file__, (rec[0].filename, str(rec[0].message))

@@ -278,6 +278,33 @@ def test_numpy_masked_arrays_are_refused(which):
         bcelogits.loss_and_grad(**args)
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).bits == 64, reason="long double is float64 on this platform")
+def test_numpy_long_double_takes_the_plain_path(backend):
+    # No kernel reads long double: it goes through NumPy's own operations, in long double, and keeps its
+    # dtype.
+    x, y, w, p = _arrays(seed=4)
+    xl, yl = x.astype(np.longdouble), y.astype(np.longdouble)
+    for reduction in ("none", "mean"):
+        got = bce(xl, yl, weight=w.astype(np.longdouble), pos_weight=p, reduction=reduction)
+        assert got.dtype == np.longdouble
+        ref = F.binary_cross_entropy_with_logits(
+            *map(torch.from_numpy, (x, y)), torch.from_numpy(w), pos_weight=torch.from_numpy(p),
+            reduction=reduction,
+        )  # fmt: skip
+        np.testing.assert_allclose(got.astype(np.float64), ref.numpy(), rtol=1e-12)  # (torch: ~1e-14)
+    loss, grad = bcelogits.loss_and_grad(xl, yl)
+    assert loss.dtype == grad.dtype == np.longdouble and np.all(np.isfinite(grad))
+
+
+def test_numpy_complex_weight_rejected_like_torch():
+    x, y, w, _ = _arrays(seed=5)
+    for name in ("weight", "pos_weight"):
+        with pytest.raises(TypeError, match=f"'{name}' must be real-valued"):
+            bce(x, y, **{name: w.astype(np.complex128)})
+        with pytest.raises(TypeError, match=f"'{name}' must be real-valued"):
+            bce(torch.from_numpy(x), torch.from_numpy(y), **{name: torch.from_numpy(w.astype(np.complex128))})
+
+
 # ----------------------------------------------------------------------------------------------------
 # without torch
 # ----------------------------------------------------------------------------------------------------

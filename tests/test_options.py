@@ -1062,6 +1062,35 @@ def test_pos_weight_from_targets_class_without_positives_is_named(kind):
         bcelogits.pos_weight_from_targets(torch.from_numpy(y1) if kind == "torch" else y1)
 
 
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_pos_weight_from_targets_16_bit_targets_give_float32(kind):
+    # 99,999 negatives per positive: float16 (max 65504) would make that inf
+    y = np.zeros((100_000, 1), dtype=np.float16)
+    y[0] = 1
+    yy = torch.from_numpy(y) if kind == "torch" else y
+    got = bcelogits.pos_weight_from_targets(yy)
+    assert (got.dtype == torch.float32) if kind == "torch" else (got.dtype == np.float32)
+    assert float(got[0]) == 99_999.0
+    if kind == "torch":
+        got = bcelogits.pos_weight_from_targets(yy.to(torch.bfloat16))
+        assert got.dtype == torch.float32 and float(got[0]) == 99_999.0
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_pos_weight_from_targets_rejects_nan_targets(kind):
+    y = np.zeros((10, 2))
+    y[:5] = 1
+    y[3, 1] = np.nan
+    yy = torch.from_numpy(y) if kind == "torch" else y
+    with pytest.raises(ValueError, match="NaN"):
+        bcelogits.pos_weight_from_targets(yy)
+
+
+def test_pos_weight_from_targets_names_itself_for_a_list():
+    with pytest.raises(TypeError, match=r"pos_weight_from_targets\(\): target must be .*numpy.asarray"):
+        bcelogits.pos_weight_from_targets([[0.0, 1.0], [1.0, 0.0]])
+
+
 # ----------------------------------------------------------------------------------------------------
 # the module
 # ----------------------------------------------------------------------------------------------------

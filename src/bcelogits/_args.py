@@ -7,6 +7,7 @@ The functional API calls :func:`parse` once; everything after it may assume a va
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -32,8 +33,23 @@ class DTypeError(TypeError, NotImplementedError):
     NotImplementedError here; this class is both a TypeError and a RuntimeError)."""
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_NN_MODULE = os.path.join("torch", "nn", "modules", "module.py")
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first frame outside bcelogits and outside
+    ``nn.Module.__call__``, however deep the call came from (functional, module, ``loss_and_grad``)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename.endswith(_NN_MODULE)
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 # --------------------------------------------------------------------------------------------- reduction
-def legacy_reduction(size_average: bool | None, reduce: bool | None, *, stacklevel: int = 3) -> str:
+def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
     """Map the deprecated ``size_average``/``reduce`` pair to a reduction string, warning as torch does."""
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
@@ -43,28 +59,20 @@ def legacy_reduction(size_average: bool | None, reduce: bool | None, *, stacklev
         ret = "mean"
     else:
         ret = "sum"
-    warnings.warn(
-        f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.",
-        UserWarning,
-        stacklevel=stacklevel,
-    )
+    warn(f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.")
     return ret
 
 
-def resolve_reduction(size_average, reduce, reduction, *, stacklevel: int = 4) -> str:
+def resolve_reduction(size_average, reduce, reduction) -> str:
     """The reduction a call uses: the legacy pair overrides ``reduction`` when either is given."""
     if size_average is not None or reduce is not None:
-        return legacy_reduction(size_average, reduce, stacklevel=stacklevel)
-    return check_reduction(reduction, stacklevel=stacklevel)
+        return legacy_reduction(size_average, reduce)
+    return check_reduction(reduction)
 
 
-def check_reduction(reduction, *, stacklevel: int = 4) -> str:
+def check_reduction(reduction) -> str:
     if reduction == "elementwise_mean":
-        warnings.warn(
-            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
+        warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.")
         return "mean"
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -169,7 +177,9 @@ def _is_float(a) -> bool:
 def _is_real(a) -> bool:
     if is_tensor(a):
         return not a.is_complex()
-    return np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_
+    return (np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)) or (
+        a.dtype == np.bool_
+    )
 
 
 def _shape_str(a) -> str:
@@ -409,9 +419,7 @@ def check_values(call: Call) -> None:
             )
     x = call.input
     if math.prod(call.shape) and bool(((x >= 0) & (x <= 1)).all()):
-        warnings.warn(
+        warn(
             "strict: every logit lies in [0, 1], which looks like probabilities (was sigmoid applied "
-            "already?). Pass raw logits: the loss applies the sigmoid itself.",
-            UserWarning,
-            stacklevel=3,
+            "already?). Pass raw logits: the loss applies the sigmoid itself."
         )

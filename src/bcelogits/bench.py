@@ -975,26 +975,59 @@ def _have_matplotlib() -> bool:
 
 
 def _parse_shapes(spec) -> list[tuple]:
-    """Shapes from a list (of shapes or element counts) or a string like '16M,84M,2**28'."""
+    """Shapes from a list (of shapes or element counts) or a string like '16M,84M,2**28,1x16777216'.
+
+    An element count ``n`` becomes the shape ``(n // 1024, 1024)`` when 1024 divides it, else ``(n,)``;
+    ``AxBxC`` is that shape exactly (the defaults' (1, 16777216) or (64, 80, 128, 128))."""
     if isinstance(spec, str):
         spec = [s.strip() for s in spec.split(",") if s.strip()]
+    if not spec:
+        raise ValueError("no sizes given: use e.g. --sizes 4M,16M or --sizes 1x16777216")
     out = []
     for s in spec:
         if isinstance(s, (tuple, list)):
-            out.append(tuple(int(d) for d in s))
+            shape = tuple(int(d) for d in s)
+            if not shape or min(shape) < 1:
+                raise ValueError(f"cannot use shape {s!r}: every dimension must be >= 1")
+            out.append(shape)
             continue
         if isinstance(s, str):
-            m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)", s.upper())
+            u = s.upper()
+            if re.fullmatch(r"\d+(X\d+)+", u):
+                shape = tuple(int(d) for d in u.split("X"))
+                if min(shape) < 1:
+                    raise ValueError(f"cannot use shape {s!r}: every dimension must be >= 1")
+                out.append(shape)
+                continue
+            m = re.fullmatch(r"(\d+(?:\.\d*)?(?:E\d+)?)([KMG]?)", u)
             if m:
-                n = int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)])
+                v = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
             elif re.fullmatch(r"2\*\*\d+", s):
-                n = 2 ** int(s[3:])
+                v = 2 ** int(s[3:])
             else:
-                raise ValueError(f"cannot read size {s!r}: use e.g. 16M, 500M or 2**28")
+                raise ValueError(f"cannot read size {s!r}: use e.g. 16M, 1e6, 2**28 or a shape like 8x1024")
+            if v != int(v) or v < 1:
+                raise ValueError(f"cannot use size {s!r}: a size is a whole number of elements, at least 1")
+            n = int(v)
         else:
             n = int(s)
+            if n < 1:
+                raise ValueError(f"cannot use size {s!r}: at least 1 element")
         out.append((n // 1024, 1024) if n % 1024 == 0 else (n,))
     return out
+
+
+def _check_writable(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be written (its folder is missing or read-only), or None: checked before
+    minutes of measuring, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"{flag} {path}: the folder {folder} is not writable"
+    if os.path.isdir(path):
+        return f"{flag} {path}: that is a folder; give a file name"
+    return None
 
 
 def main(args) -> int:
@@ -1013,6 +1046,11 @@ def main(args) -> int:
             file=sys.stderr,
         )
         return 2
+    for flag in ("csv", "plot"):
+        why = getattr(args, flag, None) and _check_writable(getattr(args, flag), "--" + flag)
+        if why:
+            print(f"bcelogits bench: {why}", file=sys.stderr)
+            return 2
     try:
         import torch
     except ImportError:

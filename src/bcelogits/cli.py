@@ -10,6 +10,14 @@ import os
 import sys
 from decimal import Decimal, getcontext
 
+DESCRIPTION = """\
+bcelogits: an exact, fused BCEWithLogitsLoss for PyTorch and NumPy.
+
+  bcelogits compare   our values vs torch's vs the exact ones, where torch is wrong
+  bcelogits bench     speed, memory and error vs torch, interleaved in one process
+  bcelogits warmup    compile the CPU kernels into the on-disk cache ahead of the first call
+"""
+
 # (label, quantity, logit, target, pos_weight, dtype name)
 CASES = [
     ("confident right answer, y=0", "loss", -20.0, 0.0, None, "float32"),
@@ -171,13 +179,23 @@ def warmup(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bcelogits", description=__doc__)
+    import bcelogits
+
+    parser = argparse.ArgumentParser(
+        prog="bcelogits", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"bcelogits {bcelogits.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compare", help="our values vs torch's vs the exact ones where torch is wrong")
     p.set_defaults(func=compare)
     p = sub.add_parser("bench", help="speed and memory vs torch, interleaved in one process")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (about 20 s)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cpu (default; the fused numba kernel) or cuda (the Triton kernel; other sizes)",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="also draw the speed-ups as a chart")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
     p.add_argument(
@@ -190,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sizes",
         default=None,
-        help="comma-separated element counts instead of the defaults, e.g. 16M,84M,2**28",
+        help="comma-separated sizes instead of the defaults: element counts (16M, 1e6, 2**28; N becomes "
+        "shape (N/1024, 1024) when 1024 divides it) or shapes (1x16777216, 64x80x128x128)",
     )
     p.set_defaults(func=bench)
     p = sub.add_parser(

@@ -115,34 +115,43 @@ def pos_weight_from_targets(target, class_dim: int = -1):
     ``class_dim`` is the dimension that indexes classes; every other dimension is counted over. A 1-D
     target is one class (result of shape (1,)). Pass the result together with the same ``class_dim`` to
     the loss (``class_dim=-1``, the default, is torch's own broadcasting over the last dimension).
-    A class with no positive example has no finite ratio: that raises a ValueError naming the classes.
+    A class with no positive example has no finite ratio: that raises a ValueError naming the classes;
+    so do NaN targets. The result has the target's dtype when that is float32 or float64, else float32
+    (a float16 ratio would overflow above 65504 negatives per positive, and bfloat16 keeps 3 digits).
 
     >>> import numpy as np
     >>> y = np.zeros((400, 1)); y[:100] = 1
     >>> pos_weight_from_targets(y)
     array([3.])
     """
-    _args.namespace(target, target)
+    name = "pos_weight_from_targets()"
     is_t = _args.is_tensor(target)
+    if not (is_t or isinstance(target, np.ndarray)):
+        raise _args.ArgumentTypeError(
+            f"{name}: target must be a torch.Tensor or numpy.ndarray, got {type(target).__name__}; "
+            "wrap it with torch.as_tensor(...) or numpy.asarray(...)"
+        )
     xp = _args._torch() if is_t else np
     y = target.to(xp.float64) if is_t else target.astype(np.float64)
     if y.ndim == 0:
-        raise ValueError("pos_weight_from_targets: target must have at least one dimension")
+        raise ValueError(f"{name}: target must have at least one dimension (a 1-D target is one class)")
     if y.ndim == 1:
         y, class_dim = y.reshape(-1, 1), -1
     if not -y.ndim <= class_dim < y.ndim:
-        raise ValueError(f"class_dim={class_dim} is out of range for a target with {y.ndim} dimensions")
+        raise ValueError(f"{name}: class_dim={class_dim} is out of range for a {y.ndim}-dimensional target")
+    if bool(xp.isnan(y).any()):
+        raise ValueError(f"{name}: target contains NaN; remove or fill those elements first")
     d = class_dim % y.ndim
     y = xp.moveaxis(y, d, -1).reshape(-1, y.shape[d])
     pos = y.sum(0)
     empty = [i for i, v in enumerate(pos.tolist()) if not v > 0]
     if empty:
         raise ValueError(
-            f"pos_weight_from_targets: class(es) {empty[:10]} have no positive example, so "
+            f"{name}: class(es) {empty[:10]} have no positive example, so "
             "negatives/positives is infinite; drop those classes or set their pos_weight by hand"
         )
     ratio = (y.shape[0] - pos) / pos
-    floating = target.is_floating_point() if is_t else target.dtype.kind == "f"
     if is_t:
-        return ratio.to(target.dtype if floating else xp.float32)
-    return ratio.astype(target.dtype if floating else np.float32)
+        keep = target.dtype in (xp.float32, xp.float64)
+        return ratio.to(target.dtype if keep else xp.float32)
+    return ratio.astype(target.dtype if target.dtype in (np.float32, np.float64) else np.float32)

@@ -39,7 +39,7 @@ class BCEWithLogitsLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
-            reduction = _args.legacy_reduction(size_average, reduce, stacklevel=3)
+            reduction = _args.legacy_reduction(size_average, reduce)
         self.reduction = reduction
         self.options = _args.check_options(ignore_index, label_smoothing, class_dim, focal_gamma, strict)
         self.register_buffer("weight", weight)

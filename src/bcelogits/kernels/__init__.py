@@ -21,19 +21,21 @@ import contextlib
 import contextvars
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .. import _math
+from .. import _args, _math
 from . import _hugepages
 
 BACKENDS = ("auto", "plain", "cpu", "triton")
-_DEFAULT = os.environ.get("BCELOGITS_BACKEND", "auto") or "auto"
+_DEFAULT = (os.environ.get("BCELOGITS_BACKEND", "auto") or "auto").strip().lower()
 if _DEFAULT not in BACKENDS:
-    raise ValueError(f"BCELOGITS_BACKEND={_DEFAULT!r}; expected one of {BACKENDS}")
+    raise ValueError(
+        f"BCELOGITS_BACKEND={os.environ['BCELOGITS_BACKEND']!r} is not a backend: set it to one of "
+        f"{', '.join(BACKENDS)}, or unset it (auto)"
+    )
 # Per thread and per asyncio task: one thread's `use(...)` never reroutes another's calls.
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("bcelogits_backend", default=_DEFAULT)
 _state = {"warned": False}
@@ -80,15 +82,14 @@ def _cpu_module():
             _modules["cpu"] = cpu
     if cpu is not None and cpu.available():
         return cpu
-    if not _state["warned"] and current() == "auto":
+    if not _state["warned"] and current() in ("auto", "cpu"):  # (forced "cpu" too: asked for, not given)
         _state["warned"] = True
-        warnings.warn(
+        _args.warn(
             "bcelogits: the fused CPU kernel is unavailable "
             f"({reason if cpu is None else cpu.unavailable_reason}); using the plain path, "
             "which gives the same results but is about 20x slower (and several times slower than torch's "
             "own loss). Install numba (pip install 'bcelogits[fast]') for the fast path.",
             PerformanceWarning,
-            stacklevel=4,
         )
     return None
 
@@ -111,12 +112,11 @@ def _kernel_failed(kernel, exc: BaseException) -> bool:
     if not (isinstance(exc, KernelBuildError) or mod.startswith(("numba", "llvmlite", "triton"))):
         return False
     _failed.add(kernel.__name__)
-    warnings.warn(
+    _args.warn(
         f"bcelogits: the fused kernel {kernel.__name__} failed to build ({type(exc).__name__}: "
         f"{str(exc).splitlines()[0] if str(exc) else ''}); using the plain path for this process, which is "
         "slower but gives the same results.",
         PerformanceWarning,
-        stacklevel=4,
     )
     return True
 
@@ -171,7 +171,9 @@ def _choose(call):
     x, y = call.input, call.target
     if backend == "plain" or math.prod(call.shape) == 0:
         return None
-    if not call.is_torch:  # any dtype, layout and weight broadcast (see _staged)
+    if not call.is_torch:  # any layout and weight broadcast (see _staged)
+        if call.compute_dtype not in (np.float32, np.float64):  # long double: NumPy's own operations
+            return None
         return _cpu_module() if backend in ("auto", "cpu") else None
     torch = call.xp
     if torch.jit.is_tracing():  # torch.jit.trace records torch operators; a kernel call is not one
