@@ -508,6 +508,36 @@ def test_channels_last_inputs(backend, dtype, reduction):
         torch.testing.assert_close(gy, tgy, rtol=rtol, atol=rtol * 1e-2)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+@pytest.mark.parametrize("grad_of", ["input", "target", "both"])
+def test_none_loss_and_its_layout_can_be_modified_in_place(backend, layout, grad_of):
+    """The 'none' loss follows the target's layout (as torch's) and is a tensor of its own, not a view:
+    in-place operations on it, then backward, work as in torch."""
+    gen = torch.Generator().manual_seed(7)
+    if layout == "channels_last":
+        x = torch.randn(2, 3, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+        y = torch.rand(2, 3, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    else:
+        x, y = torch.randn(5, 3, generator=gen).t(), torch.rand(5, 3, generator=gen).t()
+    results = []
+    for fn in (F.binary_cross_entropy_with_logits, bcelogits.binary_cross_entropy_with_logits):
+        xa = x.detach().clone().requires_grad_(grad_of in ("input", "both"))
+        ya = y.detach().clone().requires_grad_(grad_of in ("target", "both"))
+        loss = fn(xa, ya, reduction="none")
+        strides = loss.stride()
+        loss.mul_(2)
+        loss[0] *= 3
+        loss.sum().backward()
+        results.append((loss.detach(), strides, xa.grad, ya.grad))
+    (want, wstrides, wgx, wgy), (got, gstrides, ggx, ggy) = results
+    assert gstrides == wstrides
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in ((ggx, wgx), (ggy, wgy)):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_inference_mode(backend):
     x, y = torch.randn(4, 3), torch.rand(4, 3)
     with torch.inference_mode():

@@ -228,7 +228,7 @@ def _staged(call):
     channels_last, a transpose), and copied where that is not enough (16-bit or mixed dtypes, another
     layout, gaps or overlaps: one pass each, far cheaper than the plain path's many). Weights are
     permuted with them (:func:`_kernel_args` reads them). ``order`` is None when nothing was permuted;
-    results computed for the staged call go back with :func:`_unpermute`."""
+    outputs for the staged call are made with :func:`_empty_in_order`."""
     x, y, w, p, dt = call.input, call.target, call.weight, call.pos_weight, call.compute_dtype
     if call.is_torch:
         ready = x.dtype == y.dtype == dt and x.is_contiguous() and y.is_contiguous()
@@ -245,14 +245,6 @@ def _staged(call):
     else:
         x, y = (np.asarray(a, dtype=dt, order="C") for a in (x, y))  # (0-d stays 0-d)
     return call.with_arrays(x, y, w, p), None if identity else order
-
-
-def _unpermute(t, order):
-    """``t`` (shaped like ``input.permute(order)``) as a view shaped like the input: it then has the
-    input's strides."""
-    if t is None or order is None:
-        return t
-    return t.permute(sorted(range(len(order)), key=order.__getitem__))
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -293,6 +285,27 @@ def _empty(call, dtype):
         _hugepages.advise_tensor(out)
         return out
     return np.empty(call.shape, dtype=dtype)
+
+
+def _empty_in_order(call, dtype, order):
+    """``(out, view)``: a new output shaped like the *unstaged* input whose memory is laid out in
+    ``order`` (:func:`_staged`), and ``view``, the same memory shaped like the staged call (C-contiguous),
+    which the kernel writes. ``out`` is not a view, unlike ``view`` permuted back: a Function output (or
+    gradient) that is a view could not be modified in place (``loss.mul_(2)`` on a 'none' loss of
+    channels_last tensors). Without a permutation both are one tensor."""
+    if order is None:
+        out = _empty(call, dtype)
+        return out, out
+    torch, shape = call.xp, call.shape  # (the staged shape: the input's shape permuted by order)
+    strides = [1] * len(shape)
+    for k in range(len(shape) - 2, -1, -1):
+        strides[k] = strides[k + 1] * shape[k + 1]
+    orig_shape, orig_strides = [0] * len(shape), [0] * len(shape)
+    for k, d in enumerate(order):
+        orig_shape[d], orig_strides[d] = shape[k], strides[k]
+    out = torch.empty_strided(orig_shape, orig_strides, dtype=dtype, device=call.input.device)
+    _hugepages.advise_tensor(out)
+    return out, out.permute(order)
 
 
 def _contiguous_as(a, dtype):
@@ -394,22 +407,21 @@ def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
     call, order = (call, None) if _takes_tensors(kernel) else _staged(call)
     n = math.prod(call.shape)
     elementwise = call.reduction == "none"
-    loss_out = _empty(call, call.compute_dtype) if elementwise else None
-    grad_out = _empty(call, call.compute_dtype) if want_grad else None
+    loss_out, loss_k = _empty_in_order(call, call.compute_dtype, order) if elementwise else (None, None)
+    grad_out, grad_k = _empty_in_order(call, call.compute_dtype, order) if want_grad else (None, None)
     # The denominator of 'mean' is known before the pass unless elements may be ignored.
     known = call.reduction == "mean" and call.options.ignore_index is None
     scale = 1.0 / n if known else 1.0
     total, count, wsum = kernel.forward(
         *_kernel_args(call, kernel),
         **_options_kw(call),
-        loss_out=None if loss_out is None else _flat_view(loss_out, call, kernel),
-        grad_out=None if grad_out is None else _flat_view(grad_out, call, kernel),
+        loss_out=None if loss_k is None else _flat_view(loss_k, call, kernel),
+        grad_out=None if grad_k is None else _flat_view(grad_k, call, kernel),
         grad_scale=scale,
         weight_sum=call.reduction == "weighted_mean",
     )
-    grad_out = _unpermute(grad_out, order)
     if elementwise:
-        return Forward(_to_out(call, _unpermute(loss_out, order)), grad_out, 1.0)
+        return Forward(_to_out(call, loss_out), grad_out, 1.0)
     denom = _denominator(call, count, wsum)
     value = _divide(call, total, denom)
     pending = 1.0 if known or call.reduction == "sum" else _divide(call, 1.0, denom)
@@ -479,15 +491,15 @@ def _kernel_backward_none(call, kernel, go):
     call, order = (call, None) if _takes_tensors(kernel) else _staged(call)
     if order is not None:
         go = go.permute(order)
-    grad = _empty(call, call.compute_dtype)
+    grad, grad_k = _empty_in_order(call, call.compute_dtype, order)
     go_flat = go.to(call.compute_dtype).contiguous() if call.is_torch else go.astype(call.compute_dtype)
     kernel.backward_none(
         *_kernel_args(call, kernel),
         _flat_view(go_flat, call, kernel),
-        _flat_view(grad, call, kernel),
+        _flat_view(grad_k, call, kernel),
         **_options_kw(call),
     )
-    return _unpermute(grad, order)
+    return grad
 
 
 def _plain_denominator(call):
