@@ -371,6 +371,42 @@ def test_compile_channels_last_matches_eager_values_and_layout(reduction):
     torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["dynamic pos_weight", "dynamic weight", "dynamic float16", "legacy size_average", "elementwise_mean"],
+)
+def test_compile_fullgraph_off_the_short_route(case):
+    """Calls with weights, 16-bit dtypes (dynamic=True shapes) or legacy arguments compile with
+    fullgraph=True and give eager's values: the argument checks hold nothing dynamo cannot trace
+    (math.isfinite of an option failed under dynamic=True; warnings.warn always failed)."""
+    torch.manual_seed(2)
+    w = torch.rand(3) + 0.5
+    f = {
+        "dynamic pos_weight": lambda x, y: BCE(x, y, pos_weight=w),
+        "dynamic weight": lambda x, y: BCE(x, y, weight=w),
+        "dynamic float16": lambda x, y: BCE(x.half(), y.half()),
+        "legacy size_average": lambda x, y: BCE(x, y, size_average=False),
+        "elementwise_mean": lambda x, y: BCE(x, y, reduction="elementwise_mean"),
+    }[case]
+    x, y = torch.randn(6, 3, requires_grad=True), torch.rand(6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = f(x, y)
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, dynamic=case.startswith("dynamic"), backend="eager")(x, y)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_fullgraph_strict_says_where_strict_works():
+    f = lambda x, y: BCE(x, y, strict=True)  # noqa: E731
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="strict=True checks the values.*eager mode"):
+        torch.compile(f, fullgraph=True, backend="eager")(torch.randn(3), torch.rand(3))
+    torch._dynamo.reset()  # without fullgraph dynamo runs that frame eagerly, where strict works
+    with pytest.raises(ValueError, match="strict: target"):
+        torch.compile(f, backend="eager")(torch.randn(3), torch.rand(3) + 1)
+
+
 def test_compile_inductor_end_to_end():
     """A real inductor compile (fullgraph) of a model with our loss: values and gradients as eager."""
     torch.manual_seed(1)

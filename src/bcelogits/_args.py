@@ -40,6 +40,9 @@ _NN_MODULE = os.path.join("torch", "nn", "modules", "module.py")
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the user's line: the first frame outside bcelogits and outside
     ``nn.Module.__call__``, however deep the call came from (functional, module, ``loss_and_grad``)."""
+    torch = _torch()
+    if torch is not None and torch.compiler.is_compiling():
+        return  # torch.compile cannot trace warnings.warn; the eager call warns (README)
     frame, level = sys._getframe(1), 2
     while frame is not None and (
         frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename.endswith(_NN_MODULE)
@@ -99,7 +102,7 @@ def check_options(ignore_index=None, label_smoothing=0.0, class_dim=None, focal_
     if ignore_index is not None:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, float, np.number)):
             raise TypeError(f"ignore_index must be a number or None, got {type(ignore_index).__name__}")
-        if math.isnan(float(ignore_index)):
+        if float(ignore_index) != float(ignore_index):  # NaN (not math.isnan: see focal_gamma below)
             raise ValueError("ignore_index must not be NaN (NaN never equals a target); pass a finite number")
         ignore_index = float(ignore_index)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, np.number)):
@@ -112,7 +115,8 @@ def check_options(ignore_index=None, label_smoothing=0.0, class_dim=None, focal_
         raise TypeError(f"class_dim must be an int or None, got {type(class_dim).__name__}")
     if isinstance(focal_gamma, bool) or not isinstance(focal_gamma, (int, float, np.number)):
         raise TypeError(f"focal_gamma must be a float >= 0, got {type(focal_gamma).__name__}")
-    if not (float(focal_gamma) >= 0.0 and math.isfinite(float(focal_gamma))):
+    if not 0.0 <= float(focal_gamma) < math.inf:  # (NaN fails too; no math.isfinite: torch.compile with
+        # dynamic=True cannot trace it)
         raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma}")
     if not isinstance(strict, (bool, np.bool_)):
         raise TypeError(f"strict must be True or False, got {type(strict).__name__}")
@@ -397,8 +401,15 @@ def _along_class_dim(p, shape: tuple, class_dim: int):
 def check_values(call: Call) -> None:
     """``strict=True``: reject targets outside [0, 1] or not finite (ignored ones excepted) and negative
     weights; warn when every logit lies in [0, 1] (probabilities passed where logits belong).
-    Costs a few passes over the data, which is why it is opt-in."""
+    Costs a few passes over the data, which is why it is opt-in. Under torch.compile a check that
+    depends on the data cannot be traced: that is an error saying where strict mode works."""
     xp = call.xp
+    if call.is_torch and xp.compiler.is_compiling():
+        raise RuntimeError(
+            "strict=True checks the values of target, weight and input, which torch.compile cannot trace; "
+            "check a batch in eager mode (outside the compiled function) with strict=True, and pass "
+            "strict=False inside it"
+        )
     y = call.target
     bad = ~((y >= 0) & (y <= 1))  # also true for NaN
     if call.options.ignore_index is not None:
