@@ -139,6 +139,50 @@ def test_func_jvp_matches_torch(backend, reduction):
         torch.testing.assert_close(o_tx, (g * tx).sum(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("which", ["weight", "pos_weight"])
+def test_func_transforms_of_weight_and_pos_weight_match_torch(backend, which, reduction):
+    """torch.func over the weights themselves, as torch allows: vmap over stacked weights alone,
+    grad / jacrev and jvp with respect to them (a weight that requires grad is an error only in eager
+    autograd, in torch as here)."""
+    x, y, w, p = _operands("both-full", seed=6)
+    x, y = x.detach(), y.detach()
+    v = w if which == "weight" else p
+    stacked = torch.stack([v, 2 * v, v + 0.25])
+    t = torch.randn_like(v)
+
+    def ours(a):
+        return bce(x, y, reduction=reduction, **{"weight": w, "pos_weight": p, which: a})
+
+    def theirs(a):
+        kw = {"weight": w, "pos_weight": p, which: a}
+        return F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kw)
+
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(ours)(stacked), torch.func.vmap(theirs)(stacked), **tol)
+    torch.testing.assert_close(torch.func.jacrev(ours)(v), torch.func.jacrev(theirs)(v), **tol)
+    torch.testing.assert_close(torch.func.jvp(ours, (v,), (t,)), torch.func.jvp(theirs, (v,), (t,)), **tol)
+    if reduction != "none":
+        torch.testing.assert_close(torch.func.grad(ours)(v), torch.func.grad(theirs)(v), **tol)
+
+
+def test_forward_ad_tangent_of_a_weight_is_its_derivative(backend):
+    """A forward-mode tangent on weight or pos_weight gives the directional derivative (torch returns no
+    tangent there); checked against a central difference (the loss is linear in weight)."""
+    x, y, w, p = _operands("both-full", seed=8)
+    x, y = x.detach(), y.detach()
+    for which in ("weight", "pos_weight"):
+        v = w if which == "weight" else p
+        t = torch.randn_like(v)
+        with fwAD.dual_level():
+            kw = {"weight": w, "pos_weight": p, which: fwAD.make_dual(v, t)}
+            tangent = fwAD.unpack_dual(bce(x, y, **kw)).tangent
+        h = 1e-6
+        plus = bce(x, y, **{"weight": w, "pos_weight": p, which: v + h * t})
+        minus = bce(x, y, **{"weight": w, "pos_weight": p, which: v - h * t})
+        torch.testing.assert_close(tangent, (plus - minus) / (2 * h), rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("coef", list(COEFS))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_double_backward_values_match_torch(backend, reduction, coef):

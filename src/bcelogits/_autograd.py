@@ -135,6 +135,11 @@ def apply(call):
     grad_enabled = torch.is_grad_enabled()
     fuse = grad_enabled and x.requires_grad and call.reduction != "none"
     args = (x, call.target, call.weight, call.pos_weight, call, fuse)
+    if not all(kernels.plain_tensor(t, torch) for t in (call.weight, call.pos_weight) if t is not None):
+        # weight or pos_weight under a torch.func transform (vmap over stacked weights, grad or jvp with
+        # respect to them) or with a forward-mode tangent: the plain formulas in torch operators, which
+        # the transform batches and differentiates itself (the Function differentiates input and target).
+        return kernels.forward(call).loss
     if torch._C._are_functorch_transforms_active():
         loss, _, _ = BCEWithLogitsFunction.apply(*args)
     elif not _needs_autograd(call, grad_enabled) or torch.jit.is_tracing():

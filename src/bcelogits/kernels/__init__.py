@@ -178,7 +178,7 @@ def _choose(call):
     torch = call.xp
     if torch.jit.is_tracing():  # torch.jit.trace records torch operators; a kernel call is not one
         return None
-    if not (plain_tensor(x, torch) and plain_tensor(y, torch)):
+    if not all(plain_tensor(t, torch) for t in (x, y, call.weight, call.pos_weight) if t is not None):
         return None
     contiguous = x.is_contiguous() and y.is_contiguous()
     if x.device.type == "cpu":
