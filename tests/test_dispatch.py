@@ -633,3 +633,49 @@ def test_default_module_takes_the_simple_route(monkeypatch):
     bcelogits.BCEWithLogitsLoss(reduction="sum")(torch.randn(8, 3), torch.rand(8, 3))
     bcelogits.BCEWithLogitsLoss(pos_weight=torch.ones(3))(torch.randn(8, 3), torch.rand(8, 3))
     assert [c is not None for c in seen] == [True, True, False]
+
+
+# ------------------------------------------------------------------------------ __torch_function__
+def test_tensor_subclasses_and_function_modes_see_one_call():
+    """As with torch's loss: a tensor subclass's __torch_function__ and a TorchFunctionMode see the loss
+    as one call of the function itself (and may replace it); the default handling runs it and returns
+    the subclass."""
+    from torch.overrides import TorchFunctionMode
+
+    x, y = torch.randn(4, 3), torch.rand(4, 3)
+    want = F.binary_cross_entropy_with_logits(x, y)
+
+    class Logged(torch.Tensor):
+        calls: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    out = BCE(x.as_subclass(Logged), y, pos_weight=torch.full((3,), 2.0))
+    assert Logged.calls == [BCE] and type(out) is Logged
+
+    class Replace(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is BCE:
+                return torch.tensor(42.0)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    assert BCE(x, y.as_subclass(Replace)).item() == 42.0
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        got = BCE(x, y)
+        bcelogits.BCEWithLogitsLoss()(x, y)
+    assert mode.seen == [BCE, BCE]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -310,3 +310,13 @@ def test_module_float64_weights_with_float32_data_like_torch(backend):
     o, t = ours(x, y), theirs(x, y)
     assert o.dtype == t.dtype
     torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-6)
+
+
+def test_module_is_a_torch_loss():
+    """Code that recognises losses by their base class (isinstance(m, nn.modules.loss._Loss)) finds ours
+    as it finds torch's."""
+    for kw in ({}, {"reduction": "sum"}, {"pos_weight": torch.ones(3), "ignore_index": -1.0}):
+        m = bcelogits.BCEWithLogitsLoss(**kw)
+        assert isinstance(m, torch.nn.modules.loss._Loss)
+        theirs = torch.nn.BCEWithLogitsLoss(**{k: v for k, v in kw.items() if k != "ignore_index"})
+        assert m.reduction == theirs.reduction

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import _args, kernels
@@ -41,6 +43,16 @@ def binary_cross_entropy_with_logits(
     >>> print(binary_cross_entropy_with_logits(np.array([-1000.0]), np.array([0.0]), reduction="none"))
     [0.]
     """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch._C._has_torch_function((input, target, weight, pos_weight)):
+        # A tensor subclass with its own __torch_function__, or an active TorchFunctionMode: they see this
+        # function as one call, as they see torch's (and may run it, or something else, themselves).
+        return torch.overrides.handle_torch_function(
+            binary_cross_entropy_with_logits, (input, target, weight, pos_weight),
+            input, target, weight, size_average, reduce, reduction, pos_weight,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, class_dim=class_dim,
+            focal_gamma=focal_gamma, strict=strict,
+        )  # fmt: skip
     call = _args.simple_call(
         input, target, weight, size_average, reduce, reduction, pos_weight,
         ignore_index, label_smoothing, class_dim, focal_gamma, strict,

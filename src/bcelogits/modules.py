@@ -8,9 +8,10 @@ from . import _args
 from .functional import binary_cross_entropy_with_logits
 
 
-class BCEWithLogitsLoss(torch.nn.Module):
+class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
     r"""Drop-in for :class:`torch.nn.BCEWithLogitsLoss`, exact to a few ulps, with fused kernels.
 
+    A ``torch.nn.modules.loss._Loss``, as torch's losses are (code that checks for one finds it).
     ``weight`` and ``pos_weight`` are persistent buffers under the same names as torch's, so state
     dicts load both ways. The keyword-only options (all off by default) are described in
     :func:`bcelogits.binary_cross_entropy_with_logits` and the README.
@@ -37,10 +38,9 @@ class BCEWithLogitsLoss(torch.nn.Module):
         focal_gamma: float = 0.0,
         strict: bool = False,
     ) -> None:
-        super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _args.legacy_reduction(size_average, reduce)
-        self.reduction = reduction
+        super().__init__(reduction=reduction)  # (sets self.reduction; the legacy pair is resolved above)
         self.options = _args.check_options(ignore_index, label_smoothing, class_dim, focal_gamma, strict)
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
