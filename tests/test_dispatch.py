@@ -679,3 +679,22 @@ def test_tensor_subclasses_and_function_modes_see_one_call():
         bcelogits.BCEWithLogitsLoss()(x, y)
     assert mode.seen == [BCE, BCE]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@needs_cpu
+def test_parameters_take_the_kernel():
+    """nn.Parameter logits (or a frozen Parameter weight) are ordinary dense tensors to the kernel: the
+    fused route serves them (not the 20x slower plain path), with torch's values and gradients."""
+    torch.manual_seed(3)
+    x = torch.nn.Parameter(torch.randn(64, 30, dtype=torch.float64))
+    y = torch.rand(64, 30, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.rand(30, dtype=torch.float64) + 0.5, requires_grad=False)
+    call = bcelogits._args.parse(x, y, w, None, "mean", bcelogits._args.check_options())
+    assert kernels.choose(call) is cpu
+    for kw in ({}, {"weight": w}):
+        got = BCE(x, y, **kw)
+        (g,) = torch.autograd.grad(got, x)
+        want = F.binary_cross_entropy_with_logits(x, y, **kw)
+        (gw,) = torch.autograd.grad(want, x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g, gw, rtol=1e-12, atol=1e-14)

@@ -141,11 +141,12 @@ def flat_pattern(w, shape: tuple):
 
 
 def plain_tensor(t, torch) -> bool:
-    """A dense tensor the kernels may read through .numpy() / data pointers (no subclass, no fake
-    tensor, no functorch wrapper, no forward-AD tangent, no lazy negation: a ``_neg_view`` shares its
-    memory with the tensor it negates)."""
-    if type(t) is not torch.Tensor or t.is_neg():  # subclasses, fake tensors under torch.compile
-        return False
+    """A dense tensor the kernels may read through .numpy() / data pointers (no subclass but
+    ``nn.Parameter``, whose ``__torch_function__`` is torch's own; no fake tensor, no functorch wrapper,
+    no forward-AD tangent, no lazy negation: a ``_neg_view`` shares its memory with the tensor it
+    negates)."""
+    if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.is_neg():
+        return False  # (subclasses, fake tensors under torch.compile)
     functorch = getattr(torch._C, "_functorch", None)
     if functorch is not None and (
         functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)  # vmap'd backward
