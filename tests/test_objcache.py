@@ -259,7 +259,7 @@ def test_load_in_process_and_twice(kernels, cache):
     np.testing.assert_allclose(out, _exp_reference(x, -1.5), rtol=2e-6)
     # The stand-ins for numba's GIL helpers (only reached on a wrapper's error path), called with the GIL
     # held: Ensure then reports PyGILState_LOCKED (0) and Release undoes it.
-    engine = _objcache._state["engine"]
+    engine = _objcache._state["engines"][-1]  # (each object gets an engine of its own)
     proto = ctypes.PYFUNCTYPE(None, ctypes.POINTER(ctypes.c_int))
     ensure, release = (proto(engine.get_function_address(f"numba_gil_{n}")) for n in ("ensure", "release"))
     state = ctypes.c_int(-1)
@@ -314,3 +314,28 @@ def test_elf_reader_rejects_garbage(kernels):
     assert {"numba_gil_ensure", "numba_gil_release", "PyErr_SetString", "expf"} <= undefined
     for junk in (b"", b"\x7fELF", obj[:64], obj[:200], b"\x00" * 4096):
         assert _objcache._elf_symbols(junk) is None
+
+
+def test_kernels_compiled_in_different_processes_load_together(tmp_path, monkeypatch):
+    """numba names a compiled function after its Python name and a per-process counter, so the float32 and
+    the float64 kernel, each compiled first in a process of its own, define the same entry symbol. Both
+    must still load, side by side, in a later process (before, the second was compiled again in every
+    process)."""
+    script = """
+        import os, sys
+        import numpy as np
+        from bcelogits import loss_and_grad
+        from bcelogits.kernels import cpu
+        x = np.linspace(-5, 5, 50_000)
+        y = (x > 0.3).astype(np.float64)
+        for dt in os.environ["DTYPES"].split(","):
+            loss_and_grad(x.astype(dt), y.astype(dt))
+        print(json.dumps({"origin": sorted(cpu._origin.values()), "numba": "numba" in sys.modules}))
+    """
+    for dtypes in ("float32", "float64", "float32,float64", "float64,float32"):
+        monkeypatch.setenv("DTYPES", dtypes)
+        out = _fresh_python(script, tmp_path / "cache", block_numba=False)
+        if "," in dtypes:
+            assert out == {"origin": ["cached", "cached"], "numba": False}, out
+        else:
+            assert out["origin"] == ["compiled and stored"], out

@@ -7,7 +7,7 @@ object to an llvmlite MCJIT engine (about 50 ms to import llvmlite, ~1 ms to bui
 calls the entry point through ctypes.
 
 - :func:`store` runs where numba is imported: it saves a compiled ``cfunc`` under a key.
-- :func:`load` never imports numba: it links the saved object into one process-wide engine and
+- :func:`load` never imports numba: it links the saved object into an MCJIT engine of its own and
   returns a ``ctypes`` function, or ``None`` so that the caller compiles with numba instead.
 - :func:`key` folds in everything that makes object code unportable (CPU, llvmlite, numba and
   Python versions, ``NUMBA_*`` settings), so a stale entry is a miss, never a wrong load.
@@ -297,53 +297,61 @@ def store(k: str, cfunc) -> bool:
 
 # ---------------------------------------------------------------------------------------------- load
 _lock = threading.Lock()
-_state: dict = {}  # "engine", "ll", "helpers" (bool), "strong" (set): created on the first load
+_state: dict = {}  # "ll", "engines" (list, kept alive): created on the first load
 _addresses: dict = {}  # key -> entry address of a linked object
 _functions: dict = {}  # (key, restype, argtypes) -> ctypes function
 
 
-def _engine():
-    """The process-wide MCJIT engine (created under ``_lock``), configured as numba's JIT codegen."""
-    if "engine" not in _state:
+def _new_engine():
+    """A new MCJIT engine (under ``_lock``), configured as numba's JIT codegen, for one object.
+
+    One engine per object: numba names a compiled function after its Python name and a per-process
+    counter, so two kernels compiled first in two different processes can define the same symbol (the
+    first function each process compiled, e.g. the entry points of a float32 and a float64 kernel). In
+    one shared engine the second of them could not be linked, and was compiled again in every process;
+    each engine resolves its object's own symbols first, then the process's. (An engine owns its target
+    machine, so each gets its own.)"""
+    if "ll" not in _state:
         import llvmlite.binding as ll
 
         ll.initialize_native_target()
         ll.initialize_native_asmprinter()
-        target = ll.Target.from_default_triple()
-        arch = target.name
-        reloc = "static" if arch.startswith("x86") else "pic" if arch.startswith("ppc") else "default"
-        try:
-            features = ll.get_host_cpu_features().flatten()
-        except RuntimeError:
-            features = ""
-        # opt=0: the engine only ever compiles _HELPERS_IR; kernels arrive as finished object code.
-        tm = target.create_target_machine(
-            cpu=ll.get_host_cpu_name(),
-            features=features,
-            opt=0,
-            reloc=reloc,
-            codemodel="jitdefault",
-            jit=True,
-        )
-        module = ll.parse_assembly("")
-        module.triple = ll.get_process_triple()
-        # Creating an MCJIT engine also makes the process's own symbols searchable (address_of_symbol).
-        _state.update(ll=ll, engine=ll.create_mcjit_compiler(module, tm), helpers=False, strong=set())
-    return _state["engine"], _state["ll"]
+        _state.update(ll=ll, engines=[])
+    ll = _state["ll"]
+    target = ll.Target.from_default_triple()
+    arch = target.name
+    reloc = "static" if arch.startswith("x86") else "pic" if arch.startswith("ppc") else "default"
+    try:
+        features = ll.get_host_cpu_features().flatten()
+    except RuntimeError:
+        features = ""
+    # opt=0: an engine only ever compiles _HELPERS_IR; kernels arrive as finished object code.
+    tm = target.create_target_machine(
+        cpu=ll.get_host_cpu_name(),
+        features=features,
+        opt=0,
+        reloc=reloc,
+        codemodel="jitdefault",
+        jit=True,
+    )
+    module = ll.parse_assembly("")
+    module.triple = ll.get_process_triple()
+    # Creating an MCJIT engine also makes the process's own symbols searchable (address_of_symbol).
+    engine = ll.create_mcjit_compiler(module, tm)
+    _state["engines"].append(engine)
+    return engine, ll
 
 
 def _add_helpers(engine, ll) -> None:
-    if not _state["helpers"]:
-        module = ll.parse_assembly(_HELPERS_IR)
-        module.triple = ll.get_process_triple()
-        module.verify()
-        engine.add_module(module)
-        engine.finalize_object()
-        _state["helpers"] = True
+    module = ll.parse_assembly(_HELPERS_IR)
+    module.triple = ll.get_process_triple()
+    module.verify()
+    engine.add_module(module)
+    engine.finalize_object()
 
 
 def _link(k: str):
-    """The entry address of key ``k`` after linking its object into the engine, or ``None``."""
+    """The entry address of key ``k`` after linking its object into an engine of its own, or ``None``."""
     path = _path(k)
     if path is None:
         return None
@@ -358,19 +366,16 @@ def _link(k: str):
     syms = _elf_symbols(obj)
     if syms is None:
         return None
-    undefined, strong, functions = syms
+    undefined, _strong, functions = syms
     if symbol not in functions or _unsupported(undefined):
         return None
-    engine, ll = _engine()
-    if strong & _state["strong"]:  # a second definition of a loaded symbol: refuse, never shadow
-        return None
+    engine, ll = _new_engine()
     if any(n not in _HELPERS and not ll.address_of_symbol(n) for n in undefined):
         return None  # MCJIT would abort the process on an unresolvable symbol
     if undefined & _HELPERS:
         _add_helpers(engine, ll)
     engine.add_object_file(ll.ObjectFileRef.from_data(obj))  # the engine takes ownership
     engine.finalize_object()
-    _state["strong"] |= strong
     return engine.get_function_address(symbol) or None
 
 
