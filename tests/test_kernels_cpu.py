@@ -602,3 +602,123 @@ def test_torch_tensors_are_read_through_their_data_pointers():
         cpu.forward(big[:80], x32, None, 1, None, 1, grad_out=big[40:])
     with pytest.raises(ValueError, match="loss_out overlaps"):
         cpu.forward(x32, big[:80], None, 1, None, 1, loss_out=big[40:])
+
+
+# ------------------------------------------------------------------------------ threads and fork
+def _script(code, timeout=120, **env):
+    """Run ``code`` in a fresh interpreter (a hang is a failure, not a wait); returns its stdout."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    full_env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_concurrent_calls_from_many_threads_share_the_pool():
+    """Six Python threads calling at once with different sizes (NumPy, no torch: the Python thread pool),
+    on a machine allowing 8 threads: no error, and every result is the single-threaded one. (The pool used
+    to be replaced, and shut down, whenever a call needed more threads than it had, under the feet of
+    another thread submitting to it: RuntimeError, and crashes.)"""
+    out = _script(
+        """
+import threading, numpy as np
+from bcelogits import loss_and_grad
+sizes = [4096 * b for b in range(16, 136, 8)]  # (15 sizes; the pool grew at each of the first 7)
+r = np.random.default_rng(0)
+X = (r.standard_normal(sizes[-1]) * 3).astype(np.float32); Y = (r.random(sizes[-1]) < .5).astype(np.float32)
+errors, got = [], []
+def run():
+    for n in sizes:
+        try:
+            got.append((n, loss_and_grad(X[:n], Y[:n], reduction='sum')[0]))
+        except Exception as e:
+            errors.append(repr(e))
+ts = [threading.Thread(target=run) for _ in range(6)]  # (first: the pool grows during these calls)
+[t.start() for t in ts]; [t.join() for t in ts]
+ref = {n: loss_and_grad(X[:n], Y[:n], reduction='sum')[0] for n in sizes}
+wrong = [n for n, v in got if v != ref[n]]
+print(len(errors), len(wrong), len(got), errors[:2])
+""",
+        NUMBA_NUM_THREADS="8",
+    )
+    assert out.split()[:3] == ["0", "0", str(6 * 15)], out
+
+
+def test_an_interrupted_wait_does_not_corrupt_the_next_call(monkeypatch):
+    """A KeyboardInterrupt while the calling thread waits for its pool threads is raised only once they
+    are done: before, they went on with the thread's argument buffer, and its next call got a wrong sum."""
+    import concurrent.futures as cf
+
+    r = np.random.default_rng(1)
+    xa, ya = (r.standard_normal(1 << 20) * 3).astype(np.float32), (r.random(1 << 20) < 0.5).astype(np.float32)
+    xb, yb = (r.standard_normal(1 << 20) * 3).astype(np.float32), (r.random(1 << 20) < 0.2).astype(np.float32)
+    ref = cpu.forward(xb, yb, None, 1, None, 1)
+    original = cf.Future.result
+    fire = {"on": False}
+
+    def result(self, timeout=None):
+        if fire["on"]:
+            fire["on"] = False
+            raise KeyboardInterrupt  # what a Ctrl-C arriving during the wait does
+        return original(self, timeout)
+
+    monkeypatch.setattr(cf.Future, "result", result)
+    monkeypatch.setattr(cpu, "_num_threads", lambda: 2)  # (a pool thread even on one core)
+    for _ in range(5):
+        fire["on"] = True
+        with pytest.raises(KeyboardInterrupt):
+            cpu.forward(xa, ya, None, 1, None, 1, focal_gamma=2.0)
+        assert cpu.forward(xb, yb, None, 1, None, 1) == ref
+
+
+def test_fork_after_numpy_calls_with_torch_imported():
+    """NumPy calls run on the Python thread pool even with torch imported, so a process forked after them
+    runs torch's multi-threaded operators and ours (torch's OpenMP team, once used, hangs in a forked
+    child: that is torch's, with or without us)."""
+    out = _script(
+        """
+import multiprocessing as mp, numpy as np, torch
+from bcelogits import loss_and_grad
+x = np.linspace(-5, 5, 2_000_000).astype(np.float32); y = (x > 0).astype(np.float32)
+ref = float(loss_and_grad(x, y)[0])
+def child(q):
+    q.put((float(torch.exp(torch.zeros(1 << 22)).sum()), float(loss_and_grad(x, y)[0])))
+ctx = mp.get_context("fork"); q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,)); p.start(); p.join(30)
+if p.is_alive():
+    p.kill(); print("HANG")
+else:
+    t, v = q.get(timeout=5); print("ok", t == 1 << 22, v == ref)
+""",
+        timeout=90,
+    )
+    assert out.split() == ["ok", "True", "True"], out
+
+
+def test_fork_while_another_thread_holds_the_kernel_lock():
+    """A child forked while another thread holds the module's lock (compiling a kernel, say) gets a fresh
+    lock: before, its first multi-threaded NumPy call waited forever for a thread that is not there."""
+    out = _script(
+        """
+import multiprocessing as mp, threading, time, numpy as np
+from bcelogits import loss_and_grad
+from bcelogits.kernels import cpu
+x = np.linspace(-5, 5, 1_000_000).astype(np.float32); y = (x > 0).astype(np.float32)
+loss_and_grad(x[:1000], y[:1000])  # the kernel is loaded; the thread pool is not made yet
+held = threading.Event()
+def hold():
+    with cpu._lock:
+        held.set(); time.sleep(3)
+threading.Thread(target=hold).start(); held.wait()
+def child(q):
+    q.put(float(loss_and_grad(x, y)[0]))
+ctx = mp.get_context("fork"); q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,)); p.start(); p.join(30)
+print("HANG" if p.is_alive() else "ok"); p.kill()
+""",
+        timeout=90,
+        NUMBA_NUM_THREADS="2",
+    )
+    assert out.split() == ["ok"], out

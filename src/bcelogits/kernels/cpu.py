@@ -42,11 +42,12 @@ there the part-by-part exponential was slower (17.3 -> 18.0 ms), so focal keeps 
 
 Work split: the flat input is cut into fixed blocks of :data:`BLOCK` elements. A call runs on up to
 ``torch.get_num_threads()`` threads (capped by ``NUMBA_NUM_THREADS`` if set, else by the CPUs the
-process may use; the same count without torch). With torch imported they are torch's own OpenMP
+process may use; the same count without torch). For torch tensors they are torch's own OpenMP
 threads (the worker is handed to ``GOMP_parallel`` of the libgomp in torch's directory): after each
 torch operator they keep spinning for a few milliseconds, and would otherwise compete with ours for the
-cores. Without torch: the calling thread plus a small pool of Python threads, the compiled code running
-without the GIL. Threads claim runs of blocks (see :func:`_chunk`) from a shared atomic counter, so a
+cores. For NumPy arrays (torch imported or not): the calling thread plus a pool of Python threads, the
+compiled code running without the GIL (see :func:`_launch` for why not OpenMP there). Threads claim
+runs of blocks (see :func:`_chunk`) from a shared atomic counter, so a
 thread that is slowed down does less of the work instead of holding the call up. Each block stores
 float64 partial sums, added in block order at the end, so results are bitwise identical for any thread
 count and any split of blocks between threads.
@@ -1221,21 +1222,47 @@ def _num_threads() -> int:
     return max(1, min(int(n), cap))
 
 
-def _executor(workers):
-    """A pool of at least ``workers`` threads (re-created after a fork)."""
+def _executor():
+    """The pool of helper threads for calls without torch's OpenMP team: :func:`_cpu_cap` - 1 threads
+    (started as calls need them), created on first use and again after a fork, and never replaced while
+    the process runs: a thread in another call may be submitting to it at any time."""
     global _pool, _pool_key
     pid = os.getpid()
-    if _pool is None or _pool_key[0] != pid or _pool_key[1] < workers:
+    if _pool is None or _pool_key[0] != pid:
         from concurrent.futures import ThreadPoolExecutor
 
         with _lock:
-            if _pool is None or _pool_key[0] != pid or _pool_key[1] < workers:
-                old = _pool if _pool_key[0] == pid else None
+            if _pool is None or _pool_key[0] != pid:
+                workers = max(1, _cpu_cap() - 1)
                 _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcelogits-cpu")
                 _pool_key = (pid, workers)
-                if old is not None:
-                    old.shutdown(wait=False)
     return _pool
+
+
+def _wait_all(futures) -> None:
+    """Wait for every helper of a call, through KeyboardInterrupt too (raised again once all are done): a
+    helper still running would go on reading this thread's argument buffer, which the thread's next call
+    reuses, and writing the call's outputs."""
+    interrupted = False
+    for f in futures:
+        while True:
+            try:
+                f.result()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _after_fork_in_child() -> None:
+    """A lock held by another thread at the moment of a fork stays held in the child, where that thread
+    does not exist: the child's first call needing it would wait forever."""
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _gomp_state: dict = {}
@@ -1299,16 +1326,19 @@ _ARGS = struct.Struct(f"<{_A_FLOATS}q4d2q")
 _PART3 = struct.Struct("<3d")  # one block's (loss sum, count, weight sum), when nb == 1
 
 
-def _launch(mode, focal, uses, dt, n, refs, scalars, flags):
+def _launch(mode, focal, uses, dt, n, refs, scalars, flags, omp):
     """Run the ``(mode, focal, uses)`` worker of dtype ``dt`` over ``n`` elements, on the arrays
     ``refs = (x, y, w, p, go, lo, gr, wext, pext)`` given as (address, length) pairs, on up to
     :func:`_num_threads` threads and return the (loss sum, count, weight sum) of the block partials,
     summed in block order: the same bits for any thread count and any split of the blocks between threads.
 
-    The threads: with torch imported, the OpenMP team torch itself uses for its operators (the worker is
-    handed to ``GOMP_parallel``): its threads are the ones still spinning after torch's previous operator,
-    so they start on our blocks at once instead of competing with us for the cores. Without torch, the
-    calling thread and a small pool of Python threads (the compiled code runs without the GIL)."""
+    The threads: for torch tensors (``omp``), the OpenMP team torch itself uses for its operators (the
+    worker is handed to ``GOMP_parallel``): its threads are the ones still spinning after torch's previous
+    operator, so they start on our blocks at once instead of competing with us for the cores. For NumPy
+    arrays, or without torch, the calling thread and a pool of Python threads (the compiled code runs
+    without the GIL): a process that has used an OpenMP team cannot use it again in a forked child (it
+    hangs there, torch's own operators included), and NumPy work must not leave a process that merely
+    imported torch in that state."""
     fn, address = _kernel(dt, mode, focal, uses)
     nb = (n + BLOCK - 1) // BLOCK
     if nb < 2 * _MIN_BLOCKS_PER_THREAD:
@@ -1328,19 +1358,23 @@ def _launch(mode, focal, uses, dt, n, refs, scalars, flags):
         ctr + 16 + 24 * nb, nscratch, ctr, ctr + 8, scalars[4], scalars[5], flags, *scalars[:4], nthreads,
         _chunk(nb, nthreads),
     )  # fmt: skip
-    gomp = _torch_openmp() if nthreads > 1 else None
+    gomp = _torch_openmp() if nthreads > 1 and omp else None
     if nthreads == 1:
         fn(base)
     elif gomp is not None:
         gomp(address, base, nthreads, 0)
     else:
-        pool = _executor(nthreads - 1)
-        futures = [pool.submit(fn, base) for _ in range(1, nthreads)]
+        futures = []
         try:
-            fn(base)
+            pool = _executor()
+            for _ in range(1, nthreads):
+                try:
+                    futures.append(pool.submit(fn, base))
+                except RuntimeError:  # no new work at interpreter exit: this thread does the rest
+                    break
+            fn(base)  # (the threads claim blocks until none are left, however many of them started)
         finally:
-            for f in futures:
-                f.result()
+            _wait_all(futures)
     if nb == 1:  # (what the sum below gives: 0.0 + the value, and no block sum is -0.0)
         return _PART3.unpack_from(mem, 8 * (_A_SIZE + 2))
     part = buf[_A_SIZE + 2 : _A_SIZE + 2 + 3 * nb].view(np.float64).reshape(3, nb)
@@ -1359,7 +1393,9 @@ def _ext(src, inner, n):
     return np.tile(np.repeat(src, inner) if inner > 1 else src, -(-need // period))[:need]
 
 
-def _launch_run(dt, n, x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags, uses):
+def _launch_run(
+    dt, n, x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p_inner, mode, flags, uses, omp
+):
     """The worker over all blocks. ``x, y``: spans (see :func:`_span`); ``go, lo, gr``: spans or None;
     ``w, p``: weight patterns. ``gamma == 0`` selects a non-focal specialisation, ``uses`` (see
     :func:`_uses`) one with only the operations the call needs."""
@@ -1375,7 +1411,7 @@ def _launch_run(dt, n, x, y, w, p, go, lo, gr, ls, ig, gamma, gscale, w_inner, p
         absent if gr is None else (gr[0], n), (_address(wext), wext.size), (_address(pext), pext.size),
     )  # fmt: skip
     scalars = (float(ls), float(ig), float(gamma), float(gscale), int(w_inner), int(p_inner))
-    return _launch(mode, gamma != 0.0, uses, dt, n, refs, scalars, flags)
+    return _launch(mode, gamma != 0.0, uses, dt, n, refs, scalars, flags, omp)
 
 
 def _uses(w, p, label_smoothing, ignore_index):
@@ -1446,6 +1482,7 @@ def forward(
         dt, n, xs, ys, wv, pv, None, los, gos,
         label_smoothing, ig, focal_gamma, grad_scale,
         wi, pi, 0 if grad_out is None else 1, flags, _uses(w, p, label_smoothing, ignore_index),
+        not isinstance(x, np.ndarray),
     )  # fmt: skip
     if ignore_index is None:
         count = n
@@ -1469,7 +1506,7 @@ def forward_contiguous(x, y, grad_out, grad_scale):
     ones = _consts(dt)[0]  # (what _pattern gives for an absent weight)
     total, _, _ = _launch_run(
         dt, n, (xs, xs + size), (ys, ys + size), ones, ones, None, None, gr,
-        0.0, math.nan, 0.0, grad_scale, 1, 1, 0 if grad_out is None else 1, 2, "",
+        0.0, math.nan, 0.0, grad_scale, 1, 1, 0 if grad_out is None else 1, 2, "", True,
     )  # fmt: skip
     return total
 
@@ -1491,6 +1528,6 @@ def backward_none(
     _launch_run(
         dt, n, xs, ys, wv, pv, gs, None, gos,
         label_smoothing, math.nan if ignore_index is None else ignore_index, focal_gamma, 1.0,
-        wi, pi, 2, 0, _uses(w, p, label_smoothing, ignore_index),
+        wi, pi, 2, 0, _uses(w, p, label_smoothing, ignore_index), not isinstance(x, np.ndarray),
     )  # fmt: skip
     return None
