@@ -297,6 +297,15 @@ def store(k: str, cfunc) -> bool:
 
 # ---------------------------------------------------------------------------------------------- load
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A fresh lock in a forked child: one held by another thread at the fork would stay held there."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _state: dict = {}  # "ll", "engines" (list, kept alive): created on the first load
 _addresses: dict = {}  # key -> entry address of a linked object
 _functions: dict = {}  # (key, restype, argtypes) -> ctypes function
