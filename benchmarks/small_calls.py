@@ -1,6 +1,6 @@
 """Per-call time on small inputs, where Python overhead, not the kernel, decides: bcelogits against
 torch for evaluation (``torch.no_grad()``) and for a training step (loss + backward). This produced the
-"Small inputs" numbers in the README.
+"Small inputs" numbers in the README and docs/performance.md.
 
     python benchmarks/small_calls.py [--shapes 64x10,256x100,256x300,256x1000] [--calls 300] [--rounds 7]
                                      [--evict MB]

@@ -206,8 +206,8 @@ def test_small_calls_script_prints_one_row_per_shape(capsys):
 
 
 def test_kernel_micro_script_runs_every_case(capsys, tmp_path):
-    """benchmarks/kernel_cpu_micro.py (the README's kernel-alone numbers) runs every case on NumPy arrays
-    and on tensors torch allocated, with eviction, and writes its rows."""
+    """benchmarks/kernel_cpu_micro.py (the kernel-alone numbers of docs/performance.md) runs every case on
+    NumPy arrays and on tensors torch allocated, with eviction, and writes its rows."""
     import importlib.util
     import json
     from pathlib import Path

@@ -34,11 +34,12 @@ torch allocated, 64 MiB written before each call (``benchmarks/kernel_cpu_micro.
 --torch-memory``): 4.1M loss only 2.12-2.36 -> 1.25-1.37 ms, loss and gradient 2.68-2.86 -> 1.89-1.91;
 16.8M 9.40-9.65 -> 6.92 and 11.39-11.54 -> 9.33-9.48. Read back to back from the L3 cache, loss only is
 5-8 % slower; on inputs on 2 MiB pages the gain at 16.8M is gone and the 'none' backward loses 5-8 %
-(Intel Xeon with AVX-512; README). The exponential pass runs part by part too, so the prefetches are
-spread over all of a block's time, not only over the second loop's 60 % of it: 16.8M, same command, six
-alternated runs each, medians: loss only 7.50 -> 7.22 ms, loss and gradient 10.18 -> 9.59, the 'none'
-backward 11.42 -> 10.72; in cache within noise. Not with focal: its loop is long enough on its own, and
-there the part-by-part exponential was slower (17.3 -> 18.0 ms), so focal keeps one pass per block.
+(Intel Xeon with AVX-512; docs/performance.md). The exponential pass runs part by part too, so the
+prefetches are spread over all of a block's time, not only over the second loop's 60 % of it: 16.8M,
+same command, six alternated runs each, medians: loss only 7.50 -> 7.22 ms, loss and gradient 10.18 ->
+9.59, the 'none' backward 11.42 -> 10.72; in cache within noise. Not with focal: its loop is long enough
+on its own, and there the part-by-part exponential was slower (17.3 -> 18.0 ms), so focal keeps one pass
+per block.
 
 Work split: the flat input is cut into fixed blocks of :data:`BLOCK` elements. A call runs on up to
 ``torch.get_num_threads()`` threads (capped by ``NUMBA_NUM_THREADS`` if set, else by the CPUs the
@@ -509,7 +510,7 @@ def _log1p01(e):
     In float32 this measured faster than a division-free degree-8 polynomial in ``e`` once the
     exponential moved to a pass of its own (0.88 against 0.96 ns per element and core, loss only, AMD
     Zen 3): the division runs on its own unit, and the polynomial in ``w`` is half as long. On the Intel
-    machine a division-free degree-9 polynomial measured the same (README)."""
+    machine a division-free degree-9 polynomial measured the same (docs/performance.md)."""
     return _atanh2((e + e) / (_k(e, 2.0, 2.0) + e))
 
 
