@@ -40,14 +40,16 @@ def _expand(a, inner, n):
 
 
 def smoothed(y, ls):
-    """The smoothed target as the kernel defines it: fma(y, dtype(1 - ls), dtype(ls / 2)) in y's dtype."""
+    """The smoothed target and its complement as the kernel defines them: fma(y, dtype(1 - ls), dtype(ls / 2))
+    and fma(1 - y, ...) in y's dtype (the complement None without smoothing: 1 - ys then)."""
     if not ls:
-        return y.astype(np.float64)
+        return y.astype(np.float64), None
     dt = y.dtype.type
-    exact = y.astype(np.float64) * float(dt(1.0 - ls)) + float(dt(0.5 * ls))  # fma, as far as float64 goes
-    if dt is np.float32:
-        return exact.astype(np.float32).astype(np.float64)
-    return exact
+    out = []
+    for v in (y.astype(np.float64), (1 - y).astype(np.float64)):  # (1 - y: exact or rounded as in y's dtype)
+        exact = v * float(dt(1.0 - ls)) + float(dt(0.5 * ls))  # fma, as far as float64 goes
+        out.append(exact.astype(np.float32).astype(np.float64) if dt is np.float32 else exact)
+    return tuple(out)
 
 
 def reference(x, y, w=None, wi=1, p=None, pi=1, ls=0.0, ignore=None, gamma=0.0):
@@ -55,15 +57,15 @@ def reference(x, y, w=None, wi=1, p=None, pi=1, ls=0.0, ignore=None, gamma=0.0):
     n = x.size
     x64 = x.astype(np.float64)
     wf, pf = _expand(w, wi, n), _expand(p, pi, n)
-    ys = smoothed(y, ls)
+    ys, omy = smoothed(y, ls)
     with np.errstate(all="ignore"):
-        loss = M.loss(np, x64, ys, wf, pf)
-        g = M.grad_input(np, x64, ys, wf, pf)
-        c_pos, c_neg = M.coefficients(ys, wf, pf)
+        loss = M.loss(np, x64, ys, wf, pf, omy=omy)
+        g = M.grad_input(np, x64, ys, wf, pf, omy=omy)
+        c_pos, c_neg = M.coefficients(ys, wf, pf, omy)
         scale = np.abs(c_pos / (1 + np.exp(-x64))) + np.abs(c_neg / (1 + np.exp(x64)))
         if gamma:
-            l1 = M.log_one_minus_pt(np, x64, ys)
-            d1 = M.d_log_one_minus_pt(np, x64, ys)
+            l1 = M.log_one_minus_pt(np, x64, ys, omy=omy)
+            d1 = M.d_log_one_minus_pt(np, x64, ys, omy=omy)
             f = np.exp(gamma * l1)
             extra = np.where(d1 == 0, 0.0, gamma * loss * d1)
             scale = f * (scale + np.abs(extra))

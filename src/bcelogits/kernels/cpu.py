@@ -5,8 +5,9 @@ sum, the element losses and the gradient together. The element formulas are exac
 :mod:`bcelogits._math`: ``a = |x|``, ``h = exp(-a/2)``, ``e = h*h``; big side / small side; a small-side
 value is multiplied by its coefficient before the second ``h`` (so ``p w e`` stays normal where ``e``
 alone underflows); ``0 * inf = 0`` at ``|x| = inf``; NaN in gives NaN out. The smoothed target is
-``fma(y, 1 - ls, ls / 2)`` in the dtype (the two factors rounded to it). Without weight and pos_weight the
-two coefficients add up to 1 and the loss is computed as ``cb a + log1p(e)``.
+``fma(y, 1 - ls, ls / 2)`` in the dtype (the two factors rounded to it), and its complement ``fma(1 - y,
+1 - ls, ls / 2)``, not ``1 - ys``. Without weight and pos_weight the two coefficients add up to 1 and the
+loss is computed as ``cb a + log1p(e)``.
 
 Speed comes from LLVM vectorising the element loops (AVX2 or AVX-512, whatever the host has; the
 functions ask for 512-bit vectors, which LLVM's tuning for Intel AVX-512 CPUs would not use, see
@@ -583,15 +584,17 @@ def _half_exp(x):
 
 def _core(x, y, w, p, k1, k0, h):
     """Loss and gradient of one element, given ``h = exp(-|x|/2)``, plus the pieces the focal variant
-    reuses: ``(loss, dloss/dx, pos, a, e, log1p(e), 1 + e, smoothed y)``. ``w``, ``p`` or ``k1`` (no
-    smoothing) may be None: the plain call, compiled without those operations."""
+    reuses: ``(loss, dloss/dx, pos, a, e, log1p(e), 1 + e, smoothed y, 1 - smoothed y)``. ``w``, ``p`` or
+    ``k1`` (no smoothing) may be None: the plain call, compiled without those operations."""
     zero = _k(x, 0.0, 0.0)
     one = _k(x, 1.0, 1.0)
     pos = x >= zero
     a = abs(x)  # (-0.0 -> 0.0: the same values)
     ys = y if k1 is None else _fma(y, k1, k0)
+    # 1 - ys from y, not from the rounded ys (see _math.smooth_complement)
+    omy = (one - y) if k1 is None else _fma(one - y, k1, k0)
     py = ys if p is None else p * ys
-    c_pos = (one - ys) if w is None else w * (one - ys)
+    c_pos = omy if w is None else w * omy
     c_neg = py if w is None else w * py
     cb = c_pos if pos else c_neg
     cs = c_neg if pos else c_pos
@@ -607,15 +610,14 @@ def _core(x, y, w, p, k1, k0, h):
         loss = (cb * zero if cb == zero else cb * (a + lp)) + small
     one_e = one + e
     g = (cb - small_e) / one_e
-    return loss, (g if pos else -g), pos, a, e, lp, one_e, ys
+    return loss, (g if pos else -g), pos, a, e, lp, one_e, ys, omy
 
 
 def _focal(x, y, w, p, k1, k0, gamma, h):
     """``(f * loss, f * (g + gamma * loss * dL1))`` with ``f = exp(gamma * L1)``, ``L1 = log(1 - p_t)``."""
-    loss, g, pos, a, e, lp, one_e, ys = _core(x, y, w, p, k1, k0, h)
+    loss, g, pos, a, e, lp, one_e, ys, omy = _core(x, y, w, p, k1, k0, h)
     zero = _k(x, 0.0, 0.0)
     one = _k(x, 1.0, 1.0)
-    omy = one - ys
     b = omy if pos else ys
     s = ys if pos else omy
     b0 = b == zero
@@ -623,7 +625,7 @@ def _focal(x, y, w, p, k1, k0, gamma, h):
     lg = _log(s if b0 else bse)
     num = one if b0 else e
     den = (one if s == zero else s) if b0 else bse
-    dl1 = (one - (ys + ys)) * num / (den * one_e)
+    dl1 = ((one - (ys + ys)) if k1 is None else (omy - ys)) * num / (den * one_e)
     # f = exp(gamma * L1), L1 = (lg - lp) - (a if b0 else 0). gamma * a reaches hundreds, so the argument
     # is kept as t + tlo (exact product errors and the TwoSum error), else its rounding (u |t|) would
     # become a relative error of f.
