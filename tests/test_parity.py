@@ -611,3 +611,23 @@ def test_functional_signature_matches_torch():
 def test_loss_and_grad_option_defaults():
     kw = _kwonly_defaults(bcelogits.loss_and_grad)
     assert {k: kw.get(k, "missing") for k in OPTION_DEFAULTS} == OPTION_DEFAULTS
+
+
+def test_a_total_beyond_float32_is_inf_as_in_torch(backend):
+    """A float32 'sum' whose float64 total exceeds float32's range is inf, as torch's, on every route (the
+    fused route raised 'value cannot be converted to type float without overflow'); gradients stay finite.
+    The 'mean' of the same elements is the exact 3e38 (torch: inf, its float32 sum overflowing first)."""
+    x = torch.tensor([-3e38, -3e38], requires_grad=True)
+    y = torch.ones(2)
+    out = bcelogits.binary_cross_entropy_with_logits(x, y, reduction="sum")
+    (g,) = torch.autograd.grad(out, x)
+    want = F.binary_cross_entropy_with_logits(x.detach(), y, reduction="sum")
+    assert out.dtype == torch.float32 and torch.isinf(out) and torch.equal(out.detach(), want)
+    assert torch.isfinite(g).all()
+    assert bcelogits.binary_cross_entropy_with_logits(x.detach(), y).item() == torch.tensor(3e38).item()
+    w, x2 = torch.full((2,), 1.5e38), torch.full((2,), -2.0)
+    got = bcelogits.binary_cross_entropy_with_logits(x2, y, weight=w, reduction="sum")
+    assert torch.isinf(got)
+    assert torch.isinf(F.binary_cross_entropy_with_logits(x2, y, weight=w, reduction="sum"))
+    loss, grad = bcelogits.loss_and_grad(x.detach(), y, reduction="sum")
+    assert torch.isinf(loss) and torch.isfinite(grad).all()

@@ -378,7 +378,11 @@ def _to_out(call, value):
         torch = call.xp
         if isinstance(value, torch.Tensor):
             return value.to(call.out_dtype)
-        return torch.scalar_tensor(value, dtype=call.out_dtype, device=call.input.device)
+        try:
+            return torch.scalar_tensor(value, dtype=call.out_dtype, device=call.input.device)
+        except RuntimeError:  # a float64 total beyond the dtype's range: inf, as torch's own sum gives
+            wide = torch.scalar_tensor(value, dtype=torch.float64, device=call.input.device)
+            return wide.to(call.out_dtype)
     with np.errstate(over="ignore"):  # float16 results overflow to inf, silently as in torch
         return np.asarray(value).astype(call.out_dtype, copy=False)
 
