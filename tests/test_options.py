@@ -27,6 +27,7 @@ import contextlib
 import functools
 import itertools
 import math
+import os
 import re
 import warnings
 
@@ -1213,3 +1214,36 @@ def test_small_label_smoothing_keeps_confident_answers_exact(backend, dtype, eps
             want_g = (1 - ys) / (1 + mp.exp(-X)) - ys / (1 + mp.exp(X))
             assert abs(mp.mpf(float(loss[i])) - want) <= tol_l * abs(want), (xv, yv, float(loss[i]), want)
             assert abs(mp.mpf(float(g[i])) - want_g) <= tol_g * abs(want_g), (xv, yv, float(g[i]), want_g)
+
+
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float32, 1e-30), (torch.float32, 1e-39), (torch.float32, 1e-44), (torch.float32, 1e36),
+     (torch.float64, 1e-300), (torch.float64, 1e-310), (torch.float64, 1e300)],
+)  # fmt: skip
+def test_weighted_mean_with_weights_far_from_one(dtype, scale):
+    """'weighted_mean' is the same for weights w and c*w. On the fused route, weights far from 1 (products
+    with the loss, or 1 / their sum, outside the dtype's range) are scaled by a power of two first: float32
+    weights of 1e-39 gave an infinite gradient, 1e-30 a loss 3e-3 off, 1e36 an infinite loss. (The plain
+    path, for other devices and transforms, does not rescale: README.)"""
+    from bcelogits import kernels
+    from bcelogits.kernels import cpu
+
+    if not cpu.available() and not os.environ.get("CI"):  # (CI installs numba: there this must run)
+        pytest.skip(f"numba kernel unavailable: {cpu.unavailable_reason}")
+
+    x = torch.tensor([-100.0, 0.5, -30.0, 4.0], dtype=dtype, requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 0.0, 0.3], dtype=dtype)
+    w = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=dtype)
+    with kernels.use("cpu"):
+        want = bcelogits.binary_cross_entropy_with_logits(x, y, weight=w, reduction="weighted_mean")
+        (gw,) = torch.autograd.grad(want, x)
+        got = bcelogits.binary_cross_entropy_with_logits(x, y, weight=w * scale, reduction="weighted_mean")
+        (g,) = torch.autograd.grad(got, x)
+    # (w * scale rounds in the dtype: a few ulps; subnormal weights keep fewer digits, down to 3 bits at
+    # 1e-44 in float32, so there the weights themselves differ and only the order of magnitude is checked)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    if scale < torch.finfo(dtype).tiny:
+        tol = 4 * float(torch.finfo(dtype).eps) * float(torch.finfo(dtype).tiny) / scale + tol
+    torch.testing.assert_close(got, want, rtol=tol, atol=0)
+    torch.testing.assert_close(g, gw, rtol=tol, atol=0)

@@ -254,6 +254,7 @@ class Forward:
     loss: Any  # the reduced loss (0-dim) or the elementwise loss, in call.out_dtype
     grad: Any  # d(reduced loss)/d input in the compute dtype, or None (times `pending`)
     pending: Any  # factor the grad still needs: 1.0, or 1/denominator when it was unknown in the pass
+    mean_weight: float | None = None  # 'weighted_mean' on a kernel: weight sum / count (see forward)
 
     def final_grad(self):
         """The gradient with the pending factor applied (in place: the gradient is this call's own)."""
@@ -393,11 +394,36 @@ def forward(call, want_grad: bool = False) -> Forward:
     if kernel is None:
         return _plain_forward(call, want_grad)
     try:
-        return _kernel_forward(call, kernel, want_grad)
+        fwd = _kernel_forward(call, kernel, want_grad)
     except Exception as exc:
         if _kernel_failed(kernel, exc):
             return _plain_forward(call, want_grad)
         raise
+    shift = _weight_shift(fwd.mean_weight, call.compute_dtype)
+    if shift:
+        # 'weighted_mean' does not change when every weight is scaled alike: weights far from 1 are scaled
+        # by a power of two (exactly) and the pass is run again, so that their products with the loss and
+        # the gradient's 1 / weight sum stay in the dtype's range (float32 weights of 1e-39 gave an
+        # infinite gradient, 1e-30 a loss 3e-3 off, 1e37 an infinite loss).
+        w = call.weight
+        scaled = w.double() if call.is_torch else w.astype(np.float64)
+        for part in (shift // 2, shift - shift // 2):  # (2**shift alone may be beyond float64's range)
+            scaled = scaled * 2.0**part
+        scaled = scaled.to(w.dtype) if call.is_torch else scaled.astype(w.dtype)
+        return _kernel_forward(
+            call.with_arrays(call.input, call.target, scaled, call.pos_weight), kernel, want_grad
+        )
+    return fwd
+
+
+def _weight_shift(mean_weight, dtype) -> int:
+    """The power of two that brings a 'weighted_mean' call's mean weight near 1, when it is far from 1 for
+    ``dtype`` (beyond 2**+-60 in float32, 2**+-500 in float64), else 0."""
+    if not mean_weight or not math.isfinite(mean_weight):
+        return 0
+    limit = 500 if np.dtype(str(dtype).replace("torch.", "")).itemsize == 8 else 60
+    e = math.frexp(mean_weight)[1]
+    return -e if abs(e) > limit else 0
 
 
 def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
@@ -430,7 +456,10 @@ def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
     denom = _denominator(call, count, wsum)
     value = _divide(call, total, denom)
     pending = 1.0 if known or call.reduction == "sum" else _divide(call, 1.0, denom)
-    return Forward(_to_out(call, value), grad_out, pending)
+    mean_weight = (
+        wsum / count if call.reduction == "weighted_mean" and call.weight is not None and count else None
+    )
+    return Forward(_to_out(call, value), grad_out, pending, mean_weight)
 
 
 def _simple_cpu_forward(call, cpu, want_grad: bool) -> Forward:
