@@ -186,7 +186,7 @@ def _is_real(a) -> bool:
     )
 
 
-def _functorch_wrapped(torch, t) -> bool:
+def functorch_wrapped(torch, t) -> bool:
     """Is ``t`` a tensor of a torch.func transform (vmap, grad, jvp) rather than an ordinary tensor?"""
     functorch = getattr(torch._C, "_functorch", None)
     return functorch is not None and functorch.is_functorch_wrapped_tensor(t)
@@ -314,7 +314,7 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
         if not _is_real(w):
             raise DTypeError(f"{FUNCTION}(): '{name}' must be real-valued, got dtype {w.dtype}")
         if torch is not None:
-            if w.requires_grad and torch.is_grad_enabled() and not _functorch_wrapped(torch, w):
+            if w.requires_grad and torch.is_grad_enabled() and not functorch_wrapped(torch, w):
                 # (as torch: fine under no_grad, and under torch.func.grad / jacrev with respect to it)
                 raise RuntimeError(
                     f"The function '{FUNCTION}' is not differentiable with respect to argument '{name}'. "

@@ -74,10 +74,15 @@ def _big_softplus(xp, pc: Pieces, c):
     return xp.where(c == 0, 0.0, c * (pc.a + xp.log1p(pc.e)))
 
 
+def _complement(y, omy):
+    """``1 - y``: ``omy`` when the caller has it more exactly (see :func:`smooth_complement`)."""
+    return 1.0 - y if omy is None else omy
+
+
 def coefficients(y, w=None, p=None, omy=None):
     """Per-element coefficients of softplus(x) and softplus(-x): ``w(1-y)`` and ``w p y`` (``omy``: ``1 - y``
     when the caller has it more exactly than ``1.0 - y``, see :func:`smooth_complement`)."""
-    c_pos = 1.0 - y if omy is None else omy
+    c_pos = _complement(y, omy)
     c_neg = y if p is None else p * y
     if w is not None:
         c_pos = w * c_pos
@@ -119,7 +124,7 @@ def log_one_minus_pt(xp, x, y, pc: Pieces | None = None, omy=None):
     finite for every finite x.
     """
     pc = Pieces(xp, x) if pc is None else pc
-    b, s = _sides(xp, pc, 1.0 - y if omy is None else omy, y)
+    b, s = _sides(xp, pc, _complement(y, omy), y)
     safe_b = xp.where(b == 0, s * pc.e + 1.0, b + s * pc.e)  # no log(0) in the unused branch
     lse = xp.where(b == 0, xp.log(s) - pc.a, xp.log(safe_b))
     return lse - xp.log1p(pc.e)
@@ -131,7 +136,7 @@ def d_log_one_minus_pt(xp, x, y, pc: Pieces | None = None, omy=None):
     Finite at saturated logits for every target: when ``b == 0`` the ratio ``e / (b + s e)`` is ``1/s``.
     """
     pc = Pieces(xp, x) if pc is None else pc
-    b, s = _sides(xp, pc, 1.0 - y if omy is None else omy, y)
+    b, s = _sides(xp, pc, _complement(y, omy), y)
     b0 = b == 0
     ratio = xp.where(b0, 1.0 / xp.where(s == 0, 1.0, s), pc.e / xp.where(b0, 1.0, b + s * pc.e))
     return ((1.0 - 2.0 * y) if omy is None else (omy - y)) * ratio / pc.one_e
@@ -145,7 +150,7 @@ def loss_times_dy_log_one_minus_pt(xp, x, y, w=None, p=None, pc: Pieces | None =
     product is ``c (-+(1 - e)) / s * log1p(e)/e``, finite for every x (``log1p(e)/e -> 1``).
     """
     pc = Pieces(xp, x) if pc is None else pc
-    b, s = _sides(xp, pc, 1.0 - y if omy is None else omy, y)
+    b, s = _sides(xp, pc, _complement(y, omy), y)
     num = xp.where(pc.pos, pc.e - 1.0, 1.0 - pc.e)
     b0 = b == 0
     _, c_small = _sides(xp, pc, *coefficients(y, w, p, omy))

@@ -147,10 +147,10 @@ def plain_tensor(t, torch) -> bool:
     negates)."""
     if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.is_neg():
         return False  # (subclasses, fake tensors under torch.compile)
+    if _args.functorch_wrapped(torch, t):
+        return False
     functorch = getattr(torch._C, "_functorch", None)
-    if functorch is not None and (
-        functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)  # vmap'd backward
-    ):
+    if functorch is not None and functorch.is_legacy_batchedtensor(t):  # vmap'd backward
         return False
     return not forward_ad_active(torch) or torch.autograd.forward_ad.unpack_dual(t).tangent is None
 
@@ -421,7 +421,7 @@ def _weight_shift(mean_weight, dtype) -> int:
     ``dtype`` (beyond 2**+-60 in float32, 2**+-500 in float64), else 0."""
     if not mean_weight or not math.isfinite(mean_weight):
         return 0
-    limit = 500 if np.dtype(str(dtype).replace("torch.", "")).itemsize == 8 else 60
+    limit = 500 if dtype.itemsize == 8 else 60  # (a torch or a NumPy dtype)
     e = math.frexp(mean_weight)[1]
     return -e if abs(e) > limit else 0
 

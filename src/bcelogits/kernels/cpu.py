@@ -1191,8 +1191,7 @@ def _prep(x, y, w, w_inner, p, p_inner):
 
 
 # ---- threads ------------------------------------------------------------------------------------
-_pool = None
-_pool_key = (0, 0)
+_pool = None  # (reset in a forked child, see _after_fork_in_child)
 
 
 def _cpu_cap() -> int:
@@ -1229,16 +1228,14 @@ def _executor():
     """The pool of helper threads for calls without torch's OpenMP team: :func:`_cpu_cap` - 1 threads
     (started as calls need them), created on first use and again after a fork, and never replaced while
     the process runs: a thread in another call may be submitting to it at any time."""
-    global _pool, _pool_key
-    pid = os.getpid()
-    if _pool is None or _pool_key[0] != pid:
+    global _pool
+    if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
         with _lock:
-            if _pool is None or _pool_key[0] != pid:
+            if _pool is None:
                 workers = max(1, _cpu_cap() - 1)
                 _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcelogits-cpu")
-                _pool_key = (pid, workers)
     return _pool
 
 
@@ -1259,10 +1256,12 @@ def _wait_all(futures) -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A lock held by another thread at the moment of a fork stays held in the child, where that thread
-    does not exist: the child's first call needing it would wait forever."""
-    global _lock
+    """A forked child has none of the parent's other threads: a fresh lock (one held by another thread at
+    the fork would stay held, and the child's first call needing it would wait forever) and no pool (its
+    threads are gone)."""
+    global _lock, _pool
     _lock = threading.RLock()
+    _pool = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
