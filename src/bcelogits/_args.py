@@ -85,7 +85,12 @@ def check_reduction(reduction) -> str:
 # --------------------------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class Options:
-    """The keyword-only options beyond torch's arguments; defaults reproduce torch exactly."""
+    """The keyword-only options beyond torch's arguments; defaults reproduce torch exactly.
+
+    ``ignore_index``: an element is ignored where ``target == ignore_index`` holds as torch (NumPy for
+    NumPy arrays) evaluates it, i.e. with the value rounded to the target's dtype first: a bfloat16
+    target padded with -999 holds -1000, and ``ignore_index=-999`` ignores it. :func:`parse` rounds the
+    value once per call (:func:`ignore_value`), so every route compares the same numbers."""
 
     ignore_index: float | None = None
     label_smoothing: float = 0.0
@@ -127,6 +132,44 @@ def check_options(ignore_index=None, label_smoothing=0.0, class_dim=None, focal_
         float(focal_gamma),
         bool(strict),
     )
+
+
+# (significand bits including the implicit one, smallest and largest normal exponent) of the float
+# formats a Python float may be rounded to
+_FLOAT32 = (24, -126, 127)
+_TORCH_16BIT = {"float16": (11, -14, 15), "bfloat16": (8, -126, 127)}
+
+
+def _round_float(v: float, fmt: tuple) -> float:
+    """``v`` rounded to nearest-even in the binary format ``fmt`` (overflow to +-inf), in plain Python
+    arithmetic (exact: math.frexp / ldexp and round() on values below 2**53), which torch.compile traces
+    as constants where a torch.tensor(v, dtype=...) would be an operation in the graph."""
+    bits, emin, emax = fmt
+    if v == 0.0 or v != v or v in (math.inf, -math.inf):
+        return v
+    e = math.frexp(v)[1]  # v = m * 2**e, 0.5 <= |m| < 1: the leading bit is 2**(e - 1)
+    quantum = max(e, emin + 1) - bits  # the format's ulp at v (fixed in the subnormal range)
+    r = math.ldexp(round(math.ldexp(v, -quantum)), quantum)  # (round: half to even)
+    largest = math.ldexp(2.0 - math.ldexp(1.0, 1 - bits), emax)
+    return r if abs(r) <= largest else math.copysign(math.inf, v)
+
+
+def ignore_value(xp, value: float, target_dtype) -> float:
+    """``ignore_index`` as ``target == value`` compares it: rounded to the target's dtype. torch casts the
+    Python float to float32 and then to a 16-bit dtype (two roundings, as ``torch.tensor(v,
+    dtype=torch.bfloat16)``); NumPy rounds once, to the dtype. The result is a number of the target's
+    dtype, so comparing it with the target in any wider dtype (the kernels' compute dtype) matches the
+    same elements."""
+    if xp is np:
+        if target_dtype.itemsize >= 8:  # (float64, long double: a Python float converts exactly)
+            return value
+        with np.errstate(over="ignore"):  # (beyond float16's range: inf, as NumPy's comparison has it)
+            return float(target_dtype.type(value))
+    if target_dtype is xp.float64:
+        return value
+    v = _round_float(value, _FLOAT32)
+    fmt = _TORCH_16BIT.get(str(target_dtype).rpartition(".")[2])
+    return v if fmt is None else _round_float(v, fmt)
 
 
 # --------------------------------------------------------------------------------------------- arrays
@@ -192,6 +235,17 @@ def functorch_wrapped(torch, t) -> bool:
     return functorch is not None and functorch.is_functorch_wrapped_tensor(t)
 
 
+def _vmapped(torch, t) -> bool:
+    """Is ``t`` batched by a torch.func.vmap, at any level of its functorch wrappers (vmap of grad wraps
+    a batched tensor in a gradient-tracking one)?"""
+    functorch = getattr(torch._C, "_functorch", None)
+    while functorch is not None and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def _shape_str(a) -> str:
     return f"torch.Size({list(a.shape)})" if is_tensor(a) else str(tuple(a.shape))
 
@@ -248,9 +302,22 @@ def compute_dtype(xp, input_dtype, target_dtype):
     return d if d.itemsize >= 4 else xp.float32
 
 
+def _broadcast_shape(w_shape: tuple, shape: tuple) -> tuple:
+    """NumPy's broadcast of two shapes (ValueError if they do not broadcast), for sizes that may be
+    symbolic: under torch.export / torch.compile with dynamic shapes a size is a ``SymInt``, which NumPy
+    would turn into a constant (``int(size)`` specialises the program to the example's batch), so those
+    go through torch's own rule (``torch.broadcast_shapes``), which keeps them symbolic."""
+    if all(type(d) is int for d in w_shape + shape):  # (eager calls: NumPy's check is the cheapest)
+        return np.broadcast_shapes(w_shape, shape)
+    try:
+        return tuple(_torch().broadcast_shapes(w_shape, shape))
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _broadcast_check(name: str, w, shape: tuple, fix: str) -> None:
     try:
-        b = np.broadcast_shapes(tuple(w.shape), shape)
+        b = _broadcast_shape(tuple(w.shape), shape)
     except ValueError:
         raise RuntimeError(
             f"{FUNCTION}(): {name} of shape {tuple(w.shape)} cannot be broadcast to the input's shape "
@@ -261,6 +328,33 @@ def _broadcast_check(name: str, w, shape: tuple, fix: str) -> None:
             f"{FUNCTION}(): {name} of shape {tuple(w.shape)} would enlarge the loss beyond the input's "
             f"shape {shape} (broadcast shape {b}); a weight may only broadcast to the input. {fix}"
         )
+
+
+def _cpu_scalar(a) -> bool:
+    return a.ndim == 0 and a.device.type == "cpu"
+
+
+def _on_one_device(input, target, weight, pos_weight):
+    """torch's same-device rule: every tensor on the device of the first one that is not a 0-dim CPU
+    tensor (the input's, unless it is one), 0-dim CPU tensors allowed anywhere (torch reads them as
+    scalars: ``pos_weight=torch.tensor(3.0)`` with CUDA logits). Those are moved to that device here,
+    so that no kernel is ever handed a CPU pointer with device tensors (a non-blocking copy of one
+    element: the host value is staged at once, nothing waits for the device)."""
+    device = input.device
+    if target.device == device and all(a is None or a.device == device for a in (weight, pos_weight)):
+        return input, target, weight, pos_weight  # (the common case, checked first: 0.3 us, not 2)
+    named = (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight))
+    ref_name, ref = next(((n, a) for n, a in named if a is not None and not _cpu_scalar(a)), named[0])
+    device = ref.device
+    for name, a in named:
+        if a is not None and a.device != device and not _cpu_scalar(a):
+            raise RuntimeError(
+                f"{FUNCTION}(): '{name}' is on {a.device} but {ref_name} is on {device}; "
+                f"move it with {name}.to({ref_name}.device)"
+            )
+    if device.type == "cpu":
+        return input, target, weight, pos_weight
+    return tuple(a if a is None or a.device == device else a.to(device, non_blocking=True) for _, a in named)
 
 
 def parse(input, target, weight, pos_weight, reduction: str, options: Options) -> Call:
@@ -280,20 +374,24 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
             f"{FUNCTION}(): 'target' must be floating-point (probabilities in [0, 1]), got dtype "
             f"{target.dtype}; convert with {fix}"
         )
+    if torch is not None:
+        for name, a in (("input", input), ("target", target)):
+            if a.dtype.itemsize == 1:  # (the floating dtypes of one byte: float8_*, float4_e2m1fn_x2)
+                raise DTypeError(
+                    f"{FUNCTION}(): '{name}' has dtype {a.dtype}, a storage format the loss is not defined "
+                    f"for (torch raises NotImplementedError too); convert with {name}.float() (or "
+                    f"{name}.to(torch.bfloat16))"
+                )
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(
             f"Target size ({_shape_str(target)}) must be the same as input size ({_shape_str(input)})"
         )
     shape = tuple(input.shape)
     if torch is not None:
-        for name, a in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
-            if a is not None and a.device != input.device:
-                raise RuntimeError(
-                    f"{FUNCTION}(): '{name}' is on {a.device} but input is on {input.device}; "
-                    f"move it with {name}.to(input.device)"
-                )
+        input, target, weight, pos_weight = _on_one_device(input, target, weight, pos_weight)
 
     # dtypes: the loss has the target's dtype; 16-bit math is done in float32 and rounded once.
+    user_target_dtype = target.dtype  # (before autocast's cast: ignore_index compares in this dtype)
     if torch is not None:
         for name, a in (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight)):
             if a is not None and a.layout is not torch.strided:
@@ -307,6 +405,11 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
             target = target.float() if target.dtype in low else target
     compute = compute_dtype(xp, input.dtype, target.dtype)
     out_dtype = target.dtype
+    if options.ignore_index is not None:
+        value = ignore_value(xp, options.ignore_index, user_target_dtype)
+        if value != options.ignore_index:
+            options = Options(value, options.label_smoothing, options.class_dim, options.focal_gamma,
+                              options.strict)  # fmt: skip
 
     for name, w in (("weight", weight), ("pos_weight", pos_weight)):
         if w is None:
@@ -408,14 +511,24 @@ def _along_class_dim(p, shape: tuple, class_dim: int):
 def check_values(call: Call) -> None:
     """``strict=True``: reject targets outside [0, 1] or not finite (ignored ones excepted) and negative
     weights; warn when every logit lies in [0, 1] (probabilities passed where logits belong).
-    Costs a few passes over the data, which is why it is opt-in. Under torch.compile a check that
-    depends on the data cannot be traced: that is an error saying where strict mode works."""
+    Costs a few passes over the data, which is why it is opt-in. Under torch.compile, and under
+    torch.func.vmap (which cannot branch on a batched value), a check that depends on the data is not
+    possible: both raise a RuntimeError saying where strict mode works (eagerly, on unbatched tensors).
+    (torch.func.grad / jacrev / jvp alone are fine: their values can be read.)"""
     xp = call.xp
     if call.is_torch and xp.compiler.is_compiling():
         raise RuntimeError(
             "strict=True checks the values of target, weight and input, which torch.compile cannot trace; "
             "check a batch in eager mode (outside the compiled function) with strict=True, and pass "
             "strict=False inside it"
+        )
+    if call.is_torch and any(
+        _vmapped(xp, t) for t in (call.input, call.target, call.weight, call.pos_weight) if t is not None
+    ):
+        raise RuntimeError(
+            "strict=True checks the values of target, weight and input, which torch.func.vmap cannot "
+            "branch on (a batched tensor has no single value); check them eagerly: call the loss with "
+            "strict=True on the unbatched tensors outside vmap, and pass strict=False inside it"
         )
     y = call.target
     bad = ~((y >= 0) & (y <= 1))  # also true for NaN

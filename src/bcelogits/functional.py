@@ -64,12 +64,19 @@ def binary_cross_entropy_with_logits(
         if options.strict:
             _args.check_values(call)
     if call.is_torch:
-        return _autograd().apply(call)
+        return _autograd(torch).apply(call)
     return kernels.forward(call).loss
 
 
-def _autograd():
+def _autograd(torch):
     """The torch autograd module (imported on first use: ``import bcelogits`` never imports torch)."""
+    if torch.compiler.is_compiling():
+        # Dynamo would guard on the cache dict below, whose state changes with the first call (the
+        # import): a first call traced before any eager call was compiled twice. An import statement
+        # is traced without a guard on our state.
+        from . import _autograd as mod
+
+        return mod
     mod = _modules.get("autograd")
     if mod is None:
         from . import _autograd as mod
@@ -128,8 +135,10 @@ def pos_weight_from_targets(target, class_dim: int = -1):
     target is one class (result of shape (1,)). Pass the result together with the same ``class_dim`` to
     the loss (``class_dim=-1``, the default, is torch's own broadcasting over the last dimension).
     A class with no positive example has no finite ratio: that raises a ValueError naming the classes;
-    so do NaN targets. The result has the target's dtype when that is float32 or float64, else float32
-    (a float16 ratio would overflow above 65504 negatives per positive, and bfloat16 keeps 3 digits).
+    so do NaN targets, and targets outside [0, 1] (a 0/255 mask or -1/+1 labels: the message names the
+    conversion, ``mask / 255`` or ``(y + 1) / 2``). The result has the target's dtype when that is
+    float32 or float64, else float32 (a float16 ratio would overflow above 65504 negatives per positive,
+    and bfloat16 keeps 3 digits).
 
     >>> import numpy as np
     >>> y = np.zeros((400, 1)); y[:100] = 1
@@ -153,6 +162,7 @@ def pos_weight_from_targets(target, class_dim: int = -1):
         raise ValueError(f"{name}: class_dim={class_dim} is out of range for a {y.ndim}-dimensional target")
     if bool(xp.isnan(y).any()):
         raise ValueError(f"{name}: target contains NaN; remove or fill those elements first")
+    _check_probabilities(name, y)
     d = class_dim % y.ndim
     y = xp.moveaxis(y, d, -1).reshape(-1, y.shape[d])
     pos = y.sum(0)
@@ -167,3 +177,20 @@ def pos_weight_from_targets(target, class_dim: int = -1):
         keep = target.dtype in (xp.float32, xp.float64)
         return ratio.to(target.dtype if keep else xp.float32)
     return ratio.astype(target.dtype if target.dtype in (np.float32, np.float64) else np.float32)
+
+
+def _check_probabilities(name: str, y) -> None:
+    """Targets are probabilities: reject any outside [0, 1], naming the encoding they look like (their
+    ratio would be meaningless: 0/255 masks gave a negative pos_weight, -1/+1 labels no positive)."""
+    if 0 in tuple(y.shape):
+        return
+    lo, hi = float(y.min()), float(y.max())
+    if 0.0 <= lo and hi <= 1.0:
+        return
+    if lo >= 0.0 and hi == 255.0:
+        hint = "it looks like a 0/255 mask (an 8-bit image); pass mask / 255"
+    elif lo == -1.0 and hi <= 1.0:
+        hint = "it looks like -1/+1 labels; pass (y + 1) / 2"
+    else:
+        hint = "BCE targets are probabilities (1 = positive); rescale them into [0, 1]"
+    raise ValueError(f"{name}: target values must lie in [0, 1], found the range [{lo:g}, {hi:g}]: {hint}")

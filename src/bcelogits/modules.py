@@ -55,6 +55,16 @@ class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
             **self.options.__dict__,
         )
 
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` (on this module, or on a model that contains it): the loss is
+        Python (argument checks, kernel choice) that TorchScript cannot compile, so say what works."""
+        raise RuntimeError(
+            "bcelogits.BCEWithLogitsLoss cannot be compiled by torch.jit.script (TorchScript cannot "
+            "compile its Python argument checks and kernel dispatch); use torch.compile, torch.export or "
+            "torch.jit.trace, which support it, or script the model without the loss and apply the loss "
+            "outside it"
+        )
+
     def extra_repr(self) -> str:
         parts = [] if self.reduction == "mean" else [f"reduction={self.reduction!r}"]
         parts += [f"{k}={v!r}" for k, v in self.options.non_default().items()]

@@ -495,13 +495,43 @@ def _plain_forward(call, want_grad: bool) -> Forward:
             xp, x, y, call.weight, call.pos_weight, **_options_kw(call), want_grad=want_grad
         )
     if call.reduction == "none":
-        return Forward(_to_out(call, loss), g, 1.0)
+        loss = _torch_layout(call, loss, call.out_dtype, call.target)
+        return Forward(_to_out(call, loss), _torch_grad_layout(call, g), 1.0)
     denom = _plain_denominator(call)
     value = _divide(call, loss.sum(dtype=xp.float64), denom)
     if g is not None and call.reduction != "sum":
         scale = _divide(call, 1.0, denom)
         g = g * (scale if isinstance(scale, float) else scale.to(g.dtype) if call.is_torch else scale)
-    return Forward(_to_out(call, value), g, 1.0)
+    return Forward(_to_out(call, value), _torch_grad_layout(call, g), 1.0)
+
+
+def _torch_layout(call, a, dtype, *like):
+    """``a`` (a result of the plain path's operators, which follow the logits' layout) in ``dtype`` and
+    laid out as torch's own elementwise operator on the tensors ``like`` lays out its output (TensorIterator's
+    rule, as torch._prims_common states it): a copy only where the layouts differ. torch's 'none' loss has
+    the target's layout (it starts from ``1 - target``); its gradient that of ``input.sigmoid()``, or of
+    ``pos_weight * target`` with a pos_weight. Only for ordinary tensors: under a torch.func transform or
+    jit tracing strides are not the user's to see."""
+    if a is None or not call.is_torch:
+        return a
+    torch = call.xp
+    if torch.jit.is_tracing() or not all(plain_tensor(t, torch) for t in (a, *like)):
+        return a
+    if a.is_contiguous() and all(t.is_contiguous() for t in like):
+        return a
+    from torch._prims_common import compute_elementwise_output_strides
+
+    strides = compute_elementwise_output_strides(*(t.expand(call.shape) for t in like))
+    if tuple(strides) == a.stride():
+        return a
+    return torch.empty_strided(call.shape, strides, dtype=dtype, device=a.device).copy_(a)
+
+
+def _torch_grad_layout(call, g):
+    """The gradient ``g`` of the plain path in the layout of torch's (:func:`_torch_layout`)."""
+    if g is None or call.pos_weight is None:
+        return _torch_layout(call, g, None if g is None else g.dtype, call.input)
+    return _torch_layout(call, g, g.dtype, call.pos_weight, call.target)
 
 
 def backward_none(call, go):
@@ -518,7 +548,7 @@ def backward_none(call, go):
         _, g, _ = _math.evaluate(
             call.xp, x, y, call.weight, call.pos_weight, **_options_kw(call), want_loss=False, want_grad=True
         )
-    return g * go.to(g.dtype) if call.is_torch else g * go
+    return _torch_grad_layout(call, g * go.to(g.dtype)) if call.is_torch else g * go
 
 
 def _kernel_backward_none(call, kernel, go):
