@@ -1,6 +1,6 @@
 """Shared fixtures for the bcelogits test suite.
 
-* ``backend`` runs a test once on the plain (unfused reference) path and once on the fused numba
+* ``backend`` runs a test once on the plain (unfused reference) path and once on the fused native
   ``cpu`` kernel; the ``cpu`` parameter is skipped, with the reason, only when
   ``bcelogits.kernels.cpu.available()`` says the kernel cannot run here.
 * Every test starts from the same torch / numpy random state, so failures reproduce.
@@ -72,7 +72,7 @@ def _cpu_kernel_unavailable_reason():
     except ImportError as exc:  # pragma: no cover - depends on the install
         return f"bcelogits.kernels.cpu cannot be imported ({exc})"
     if not cpu.available():
-        return "fused CPU kernel unavailable: bcelogits.kernels.cpu.available() is False (numba missing?)"
+        return f"fused CPU kernel unavailable: {cpu.unavailable_reason}"
     return None
 
 
@@ -84,7 +84,7 @@ def backend(request):
     if request.param == "cpu":
         reason = _cpu_kernel_unavailable_reason()
         if reason is not None:
-            # CI installs numba on purpose: there an unusable kernel is a failure, not a skip.
+            # CI builds the native core on purpose: there an unusable kernel is a failure, not a skip.
             (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
     with kernels.use(request.param):
         yield request.param

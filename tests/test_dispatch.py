@@ -59,9 +59,9 @@ def test_flat_pattern(wshape, shape, expected):
     assert torch.equal(flat[idx], full)
 
 
-needs_cpu = pytest.mark.skipif(  # in CI (numba installed on purpose) these run and fail instead
+needs_cpu = pytest.mark.skipif(  # in CI (the core built on purpose) these run and fail instead
     not cpu.available() and not os.environ.get("CI"),
-    reason=f"numba kernel unavailable: {cpu.unavailable_reason}",
+    reason=f"fused CPU kernel unavailable: {cpu.unavailable_reason}",
 )
 
 
@@ -275,9 +275,9 @@ def test_import_compiles_nothing():
 
 
 def test_missing_kernel_warns_once_and_stays_exact(monkeypatch):
-    """Without a usable numba the library still works on the plain path and says why, once."""
+    """Without a usable native core the library still works on the plain path and says why, once."""
     monkeypatch.setattr(cpu, "available", lambda: False)
-    monkeypatch.setattr(cpu, "unavailable_reason", "numba is not installed")
+    monkeypatch.setattr(cpu, "unavailable_reason", "the native core is not installed")
     monkeypatch.setitem(kernels._state, "warned", False)
     x, y = torch.randn(5, 3), torch.rand(5, 3)
     with warnings.catch_warnings(record=True) as rec:
@@ -285,7 +285,7 @@ def test_missing_kernel_warns_once_and_stays_exact(monkeypatch):
         a = BCE(x, y)
         b = BCE(x, y)
     msgs = [str(r.message) for r in rec if issubclass(r.category, bcelogits.PerformanceWarning)]
-    assert len(msgs) == 1 and "numba is not installed" in msgs[0] and "pip install" in msgs[0]
+    assert len(msgs) == 1 and "the native core is not installed" in msgs[0] and "pip install" in msgs[0]
     with kernels.use("plain"):
         torch.testing.assert_close(a, BCE(x, y), rtol=0, atol=0)
     assert torch.equal(a, b)
@@ -294,7 +294,7 @@ def test_missing_kernel_warns_once_and_stays_exact(monkeypatch):
 def test_forced_cpu_kernel_unavailable_warns_too(monkeypatch):
     """Forcing the CPU kernel where it cannot be built gives the plain path, and says so once."""
     monkeypatch.setattr(cpu, "available", lambda: False)
-    monkeypatch.setattr(cpu, "unavailable_reason", "numba is not installed")
+    monkeypatch.setattr(cpu, "unavailable_reason", "the native core is not installed")
     monkeypatch.setitem(kernels._state, "warned", False)
     x, y = np.zeros(4, np.float32), np.ones(4, np.float32)
     with warnings.catch_warnings(record=True) as rec, kernels.use("cpu"):
@@ -302,7 +302,7 @@ def test_forced_cpu_kernel_unavailable_warns_too(monkeypatch):
         BCE(x, y)
         BCE(x, y)
     msgs = [str(r.message) for r in rec if issubclass(r.category, bcelogits.PerformanceWarning)]
-    assert len(msgs) == 1 and "numba is not installed" in msgs[0]
+    assert len(msgs) == 1 and "the native core is not installed" in msgs[0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -443,14 +443,13 @@ def test_vmap_and_per_sample_gradients(reduction):
 @needs_cpu
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_kernel_build_failure_falls_back_once(monkeypatch, reduction):
-    """A specialisation that fails to compile (numba raises on its first call) leaves the library working
-    on the plain path, with one PerformanceWarning saying why; other errors are not swallowed."""
-    import numba.core.errors
+    """A kernel that reports a build failure (KernelBuildError) leaves the library working on the plain
+    path, with one PerformanceWarning saying why; other errors are not swallowed."""
 
     def broken(*args, **kwargs):
-        raise numba.core.errors.TypingError("simulated build failure")
+        raise kernels.KernelBuildError("simulated build failure")
 
-    monkeypatch.setattr(cpu, "_kernel", broken)  # where every route's kernel is loaded or compiled
+    monkeypatch.setattr(cpu, "_launch", broken)  # what every route of the CPU kernel runs
     monkeypatch.setattr(kernels, "_failed", set())
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     y = torch.rand(7, 3, dtype=torch.float64)
@@ -466,30 +465,6 @@ def test_kernel_build_failure_falls_back_once(monkeypatch, reduction):
         (gref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
     torch.testing.assert_close(g, gref, rtol=0, atol=0)
-
-
-@needs_cpu
-def test_broken_numba_at_compile_time_falls_back(monkeypatch):
-    """Nothing cached and numba unusable when a specialisation must be compiled (a broken install raising
-    ImportError): KernelBuildError, one PerformanceWarning, the plain path's results."""
-    from bcelogits.kernels import _objcache
-
-    def no_numba(*args):
-        raise ImportError("numba is broken here")
-
-    monkeypatch.setattr(cpu, "_kernels", {})
-    monkeypatch.setattr(_objcache, "load", lambda *a: None)
-    monkeypatch.setattr(cpu, "_compile", no_numba)
-    monkeypatch.setattr(kernels, "_failed", set())
-    x, y = torch.randn(5000), torch.rand(5000)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        loss = BCE(x, y)
-        BCE(x, y)
-    perf = [r for r in rec if issubclass(r.category, bcelogits.PerformanceWarning)]
-    assert len(perf) == 1 and "numba is broken here" in str(perf[0].message)
-    with kernels.use("plain"):
-        torch.testing.assert_close(loss, BCE(x, y), rtol=0, atol=0)
 
 
 @needs_cpu

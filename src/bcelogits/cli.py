@@ -1,10 +1,8 @@
-"""Command line: ``bcelogits compare`` (accuracy vs torch), ``bcelogits bench`` (speed vs torch) and
-``bcelogits warmup`` (compile the CPU kernels into the on-disk cache ahead of the first call)."""
+"""Command line: ``bcelogits compare`` (accuracy vs torch) and ``bcelogits bench`` (speed vs torch)."""
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -15,7 +13,6 @@ bcelogits: an exact, fused BCEWithLogitsLoss for PyTorch and NumPy.
 
   bcelogits compare   our values vs torch's vs the exact ones, where torch is wrong
   bcelogits bench     speed, memory and error vs torch, interleaved in one process
-  bcelogits warmup    compile the CPU kernels into the on-disk cache ahead of the first call
 """
 
 # (label, quantity, logit, target, pos_weight, dtype name)
@@ -127,57 +124,6 @@ def bench(args) -> int:
     return bench_main(args)
 
 
-_MODES = {0: "loss only", 1: "loss + gradient", 2: "'none' gradient"}
-_USES = {"": "no weights", "w": "weight", "p": "pos_weight", "wp": "weight + pos_weight", "s": "smoothing",
-         "i": "ignore_index"}  # fmt: skip
-
-
-def warmup_specs(float64: bool = False, everything: bool = False) -> list[tuple]:
-    """The kernel specialisations ``bcelogits warmup`` prepares: (dtype, mode, focal, uses). By default
-    float32, the three modes, and no weights / weight / pos_weight / both; ``float64`` adds the same in
-    float64; ``everything`` every combination of options, focal included (a few minutes)."""
-    dtypes = ["float32", "float64"] if float64 or everything else ["float32"]
-    if everything:
-        flags = itertools.product((0, 1), repeat=4)
-        uses = ["".join(c for c, on in zip("wpsi", bits) if on) for bits in flags]
-        focals = [False, True]
-    else:
-        uses, focals = ["", "w", "p", "wp"], [False]
-    return [(d, m, f, u) for d in dtypes for f in focals for u in uses for m in (0, 1, 2)]
-
-
-def warmup(args) -> int:
-    """Load or compile each specialisation of :func:`warmup_specs`, with a progress line for each."""
-    import time
-
-    from .kernels import _objcache, cpu
-
-    if not cpu.available():
-        print(f"bcelogits warmup: the CPU kernel is unavailable ({cpu.unavailable_reason}); nothing to do")
-        return 2
-    where = _objcache.cache_dir()
-    print(
-        f"bcelogits warmup: kernels for this machine into {where}" if where is not None else
-        "bcelogits warmup: the kernel cache cannot be written here (see BCELOGITS_CACHE_DIR); kernels will "
-        "be compiled but not kept for later processes"
-    )  # fmt: skip
-    specs = warmup_specs(args.float64, args.all)
-    counts: dict = {}
-    t_all = time.perf_counter()
-    for i, (dtype, mode, focal, uses) in enumerate(specs, 1):
-        t = time.perf_counter()
-        how = cpu.prepare(dtype, mode, focal, uses)
-        counts[how] = counts.get(how, 0) + 1
-        what = _USES.get(uses, f"options {uses!r}") + (", focal" if focal else "")
-        label = f"{dtype} {_MODES[mode]}, {what}"
-        print(f"[{i:>3}/{len(specs)}] {label}: {how} ({time.perf_counter() - t:.2f} s)", flush=True)
-    summary = ", ".join(f"{n} {how}" for how, n in counts.items())
-    print(f"done in {time.perf_counter() - t_all:.1f} s: {summary}.")
-    print("Later processes on this machine load these without numba, in well under a second; other option")
-    print("combinations still compile on their first use.")
-    return 0 if where is not None else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     import bcelogits
 
@@ -194,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "--device",
         default="cpu",
         choices=["cpu", "cuda"],
-        help="cpu (default; the fused numba kernel) or cuda (the Triton kernel; other sizes)",
+        help="cpu (default; the fused native kernel) or cuda (the Triton kernel; other sizes)",
     )
     p.add_argument("--plot", metavar="FILE.png", help="also draw the speed-ups as a chart")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
@@ -212,12 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         "shape (N/1024, 1024) when 1024 divides it) or shapes (1x16777216, 64x80x128x128)",
     )
     p.set_defaults(func=bench)
-    p = sub.add_parser(
-        "warmup", help="compile the CPU kernels into the on-disk cache now, so first calls do not wait"
-    )
-    p.add_argument("--float64", action="store_true", help="float64 kernels too")
-    p.add_argument("--all", action="store_true", help="every option combination, focal included (minutes)")
-    p.set_defaults(func=warmup)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

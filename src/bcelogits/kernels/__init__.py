@@ -3,9 +3,10 @@
 Three backends evaluate the same algorithm (:mod:`bcelogits._math`):
 
 - ``plain``: the formulas in array ops (torch or NumPy); any device, dtype, stride; differentiable.
-- ``cpu``: the fused one-pass numba kernel (:mod:`.cpu`) for CPU data. It reads contiguous float32/float64
-  data; everything else is staged for it first (:func:`_staged`: dense layouts permuted to their memory
-  order, other dtypes and strides copied, irregular weight broadcasts expanded).
+- ``cpu``: the fused one-pass native kernel (:mod:`.cpu`: C, built with the package) for CPU data. It
+  reads contiguous float32/float64 data; everything else is staged for it first (:func:`_staged`: dense
+  layouts permuted to their memory order, other dtypes and strides copied, irregular weight broadcasts
+  expanded).
 - ``triton``: the fused Triton kernel (:mod:`.triton`) for contiguous CUDA tensors.
 
 ``auto`` (the default) picks the fused kernel when it can serve the call and ``plain`` otherwise (other
@@ -88,7 +89,8 @@ def _cpu_module():
             "bcelogits: the fused CPU kernel is unavailable "
             f"({reason if cpu is None else cpu.unavailable_reason}); using the plain path, "
             "which gives the same results but is about 20x slower (and several times slower than torch's "
-            "own loss). Install numba (pip install 'bcelogits[fast]') for the fast path.",
+            "own loss). For the fast path, reinstall with a C compiler and CMake available: "
+            "pip install --force-reinstall --no-binary bcelogits bcelogits (or pip install . in a checkout).",
             PerformanceWarning,
         )
     return None
@@ -106,10 +108,11 @@ def _triton_module(device):
 
 
 def _kernel_failed(kernel, exc: BaseException) -> bool:
-    """A kernel's own build failure (numba / llvmlite / triton compile errors, raised on the first call of
-    a specialisation): warn once and let the caller take the plain path. Anything else is re-raised."""
+    """A kernel's own build failure (a KernelBuildError, or a triton compile error, raised on the first
+    call of a specialisation): warn once and let the caller take the plain path. Anything else is
+    re-raised."""
     mod = type(exc).__module__ or ""
-    if not (isinstance(exc, KernelBuildError) or mod.startswith(("numba", "llvmlite", "triton"))):
+    if not (isinstance(exc, KernelBuildError) or mod.startswith("triton")):
         return False
     _failed.add(kernel.__name__)
     _args.warn(
@@ -320,7 +323,7 @@ def _contiguous_as(a, dtype):
 
 
 def _takes_tensors(kernel) -> bool:
-    """The Triton kernels take torch tensors; the numba kernels take NumPy arrays for their weights, and
+    """The Triton kernels take torch tensors; the native CPU kernel takes NumPy arrays for its weights, and
     NumPy arrays or contiguous CPU tensors (read through ``data_ptr()``, of any shape) for the rest."""
     return kernel.__name__.endswith("triton")
 
@@ -334,7 +337,7 @@ def _kernel_args(call, kernel):
         flat = [a.reshape(-1) for a in (call.input, call.target)]
         w, p = (None if a is None else a.contiguous() for a in (w, p))
     else:
-        # Contiguous CPU tensors (see _staged) go to the numba kernel as they are: a NumPy view and its
+        # Contiguous CPU tensors (see _staged) go to the native kernel as they are: a NumPy view and its
         # address would cost ~5 us per array, as much as the kernel on a small input.
         xy = (call.input, call.target)
         flat = xy if call.is_torch else [np.ascontiguousarray(a).reshape(-1) for a in xy]
