@@ -654,15 +654,18 @@ def parse_linear(
                     f"{LINEAR_FUNCTION}(): a sparse target must be 2-D (N, C) = ({n_rows}, {n_classes}) with "
                     f"scalar values, got shape {tuple(target.shape)}; flatten the rows of input to match"
                 )
+            # (Copies of the index and value tensors, O(nnz): views into a sparse tensor are not ordinary
+            # tensors to torch.compile, which then fails on the frames that receive them.)
             if target.layout is torch.sparse_coo:
                 coo = target.coalesce()  # sorted by (row, column), duplicates summed (as to_dense does)
-                rows, col = coo.indices()[0], coo.indices()[1]
-                values = coo.values()
+                rows, col = coo.indices()[0].clone(), coo.indices()[1].clone()
+                values = coo.values().clone()
                 crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=input.device)
                 if rows.numel():
                     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows)[:n_rows], 0)
             else:
-                crow, col, values = target.crow_indices().long(), target.col_indices().long(), target.values()
+                crow, col = target.crow_indices().clone().long(), target.col_indices().clone().long()
+                values = target.values().clone()
             form, target_dtype = TargetForm.CSR, values.dtype
         else:
             raise LayoutError(
