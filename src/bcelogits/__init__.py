@@ -13,9 +13,11 @@ __all__ = [
     "BCEWithLogitsLoss",
     "DTypeError",
     "LayoutError",
+    "LinearBCEWithLogitsLoss",
     "PerformanceWarning",
     "binary_cross_entropy_with_logits",
     "kernels",
+    "linear_binary_cross_entropy_with_logits",
     "loss_and_grad",
     "pos_weight_from_targets",
 ]
@@ -31,4 +33,10 @@ def __getattr__(name: str):
                 "(the functional API works on NumPy arrays without it)"
             ) from exc
         return BCEWithLogitsLoss
+    if name in ("linear_binary_cross_entropy_with_logits", "LinearBCEWithLogitsLoss"):
+        try:
+            from . import linear
+        except ImportError as exc:  # torch is an optional extra
+            raise ImportError(f"bcelogits.{name} needs PyTorch: pip install 'bcelogits[torch]'") from exc
+        return getattr(linear, name)
     raise AttributeError(f"module 'bcelogits' has no attribute {name!r}")

@@ -554,3 +554,334 @@ def check_values(call: Call) -> None:
             "strict: every logit lies in [0, 1], which looks like probabilities (was sigmoid applied "
             "already?). Pass raw logits: the loss applies the sigmoid itself."
         )
+
+
+# ===================================================================================== linear + BCE
+# The rules of bcelogits.linear_binary_cross_entropy_with_logits (src/bcelogits/linear.py): the
+# classifier's input, weight and bias, dense or sparse targets, and the chunking arguments. Shape, dtype
+# and device rules are checked by parse_linear before anything runs; the rules about values (sparse
+# indices, and strict mode) by check_linear_values, in the op itself, before its first matmul.
+LINEAR_FUNCTION = "linear_binary_cross_entropy_with_logits"
+LINEAR_REDUCTIONS = ("none", "mean", "sum")
+
+
+class TargetForm:
+    """How a linear call's target is given: a dense tensor, or positives in CSR form (torch sparse COO
+    and CSR tensors and the light tuple all become row pointers, column indices and values)."""
+
+    DENSE = "dense"
+    CSR = "csr"
+
+
+@dataclass
+class LinearCall:
+    """A validated linear + BCE call: rows flattened, the target in one of the two :class:`TargetForm`s."""
+
+    input: Any  # (N, D), the features with their leading dimensions flattened
+    weight: Any  # (C, D)
+    bias: Any  # (C,) or None
+    form: str  # TargetForm.DENSE or TargetForm.CSR
+    target: Any  # (N, C) dense, or None
+    crow: Any  # (N + 1,) int64 row pointers, or None
+    col: Any  # (nnz,) int64 column indices, or None
+    values: Any  # (nnz,) target values in the compute dtype, or None (every stored entry is 1)
+    pos_weight: Any  # (C,) in the compute dtype, or None
+    ignore_rows: Any  # (N,) bool mask, True for the rows left out, or None
+    reduction: str
+    options: Options
+    chunk_rows: int  # 0: chosen by the memory rule
+    chunk_classes: int  # 0: chosen by the memory rule
+    memory_budget: int  # bytes for the per-block buffers; 0: the default rule
+    compute_dtype: Any  # float32 or float64: the elementwise part
+    out_dtype: Any  # dtype of the loss
+    lead_shape: tuple  # input.shape[:-1]: 'none' returns lead_shape + (C,)
+
+
+def _lin(arg: str) -> str:
+    return f"{LINEAR_FUNCTION}(): '{arg}'"
+
+
+def _linear_int_arg(name: str, v, allow_zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (v < 0 or (v == 0 and not allow_zero)):
+        raise (TypeError if not isinstance(v, (int, np.integer)) or isinstance(v, bool) else ValueError)(
+            f"{_lin(name)} must be a positive int, got {v!r}"
+        )
+    return int(v)
+
+
+def check_linear_chunking(chunk_size, memory_budget) -> tuple[int, int, int]:
+    """``(rows, classes, budget)`` from ``chunk_size`` (None, classes per block, or a (rows, classes)
+    pair) and ``memory_budget`` (None or bytes); 0 means "chosen by the rule"."""
+    rows = classes = budget = 0
+    if chunk_size is not None:
+        if isinstance(chunk_size, (tuple, list)):
+            if len(chunk_size) != 2:
+                raise ValueError(
+                    f"{_lin('chunk_size')} must be an int (classes per block) or a pair (rows, "
+                    f"classes), got {chunk_size!r}"
+                )
+            rows = _linear_int_arg("chunk_size[0]", chunk_size[0])
+            classes = _linear_int_arg("chunk_size[1]", chunk_size[1])
+        else:
+            classes = _linear_int_arg("chunk_size", chunk_size)
+    if memory_budget is not None:
+        budget = _linear_int_arg("memory_budget", memory_budget)
+    return rows, classes, budget
+
+
+def _linear_tensor(torch, name: str, a, fix: str):
+    if not isinstance(a, torch.Tensor):
+        raise ArgumentTypeError(f"{_lin(name)} must be a torch.Tensor, got {type(a).__name__}; {fix}")
+    return a
+
+
+def _linear_no_grad(torch, name: str, a) -> None:
+    if a is not None and a.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{LINEAR_FUNCTION}() is not differentiable with respect to '{name}' (gradients are computed for "
+            f"input, weight and bias only); pass {name}.detach()"
+        )
+
+
+def _linear_index(torch, name: str, a, device):
+    if not isinstance(a, torch.Tensor) or a.ndim != 1:
+        got = type(a).__name__ if not isinstance(a, torch.Tensor) else f"shape {tuple(a.shape)}"
+        raise ArgumentTypeError(f"{_lin(name)} must be a 1-D integer tensor, got {got}")
+    if a.is_floating_point() or a.is_complex() or a.dtype == torch.bool:
+        raise DTypeError(f"{_lin(name)} must hold integer indices, got dtype {a.dtype}; use .long()")
+    if a.device != device:
+        raise RuntimeError(f"{_lin(name)} is on {a.device} but input is on {device}; move it there")
+    return a.long()
+
+
+def parse_linear(
+    input, weight, target, bias, pos_weight, reduction, options: Options, ignore_rows, chunking
+) -> LinearCall:
+    """Check the shapes, dtypes, devices and layouts of a linear + BCE call (nothing that reads values)."""
+    torch = _torch()
+    if torch is None or not isinstance(input, torch.Tensor):
+        raise ArgumentTypeError(
+            f"{_lin('input')} must be a torch.Tensor, got {type(input).__name__}; the fused linear "
+            "loss is for torch tensors (wrap NumPy data with torch.from_numpy)"
+        )
+    _linear_tensor(torch, "weight", weight, "pass the classifier's weight (C, D), e.g. linear.weight")
+    reduction = check_reduction(reduction)
+    if reduction not in LINEAR_REDUCTIONS:
+        raise ValueError(
+            f"{LINEAR_FUNCTION}(): reduction={reduction!r} is not supported: use 'mean', 'sum' or 'none' "
+            "('weighted_mean' needs per-element weights, which this op does not take)"
+        )
+    for name, a in (("input", input), ("weight", weight), ("bias", bias), ("pos_weight", pos_weight)):
+        if a is not None:
+            _linear_tensor(torch, name, a, f"pass torch.as_tensor({name})")
+            if a.layout is not torch.strided:
+                raise LayoutError(
+                    f"{_lin(name)} must be a dense tensor, got layout {a.layout}; use {name}.to_dense()"
+                )
+            if a.device != input.device:
+                raise RuntimeError(
+                    f"{_lin(name)} is on {a.device} but input is on {input.device}; move it with "
+                    f"{name}.to(input.device)"
+                )
+    if not input.is_floating_point():
+        raise DTypeError(
+            f"{_lin('input')} must hold floating-point features, got dtype {input.dtype}; convert with "
+            "input.float() (integer ids go through an nn.Embedding first)"
+        )
+    if input.ndim < 1:
+        raise ValueError(f"{_lin('input')} must have at least one dimension (..., D), got a 0-d tensor")
+    if weight.ndim != 2:
+        raise ValueError(
+            f"{_lin('weight')} must be 2-D (C, D) as nn.Linear.weight, got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != input.dtype:
+        raise DTypeError(
+            f"{_lin('weight')} has dtype {weight.dtype} but input has dtype {input.dtype}; the matmul "
+            "needs one dtype (as F.linear): convert with weight.to(input.dtype) or input.to(weight.dtype)"
+        )
+    n_classes, d = weight.shape
+    if input.shape[-1] != d:
+        raise ValueError(
+            f"{LINEAR_FUNCTION}(): input has {input.shape[-1]} features (last dimension of shape "
+            f"{tuple(input.shape)}) but weight of shape {tuple(weight.shape)} expects D={d}; weight is (C, D)"
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (n_classes,):
+            raise ValueError(
+                f"{_lin('bias')} must have shape ({n_classes},) (one per class of weight), got "
+                f"{tuple(bias.shape)}"
+            )
+        if bias.dtype != input.dtype:
+            raise DTypeError(
+                f"{_lin('bias')} has dtype {bias.dtype} but input has dtype {input.dtype}; convert "
+                "with bias.to(input.dtype)"
+            )
+    lead = tuple(input.shape[:-1])
+    n_rows = math.prod(lead)
+
+    # The target: dense (..., C), torch sparse COO / CSR (N, C), or (crow, col[, values]).
+    dense = crow = col = values = None
+    if isinstance(target, (tuple, list)):
+        if len(target) not in (2, 3):
+            raise ValueError(
+                f"{_lin('target')} as a tuple must be (row_pointers, column_indices) or (row_pointers, "
+                f"column_indices, values), got {len(target)} items"
+            )
+        crow = _linear_index(torch, "target[0] (row pointers)", target[0], input.device)
+        col = _linear_index(torch, "target[1] (column indices)", target[1], input.device)
+        if crow.shape[0] != n_rows + 1:
+            raise ValueError(
+                f"{LINEAR_FUNCTION}(): target's row pointers have {crow.shape[0]} entries but input has "
+                f"{n_rows} rows; they need N + 1 = {n_rows + 1} (row i's positives are col[ptr[i]:ptr[i+1]])"
+            )
+        if len(target) == 3:
+            values = _linear_tensor(torch, "target[2] (values)", target[2], "pass a 1-D float tensor")
+            if values.ndim != 1 or values.shape[0] != col.shape[0]:
+                raise ValueError(
+                    f"{LINEAR_FUNCTION}(): target's values have shape {tuple(values.shape)} but there are "
+                    f"{col.shape[0]} column indices; give one value per index"
+                )
+            if values.device != input.device:
+                raise RuntimeError(
+                    f"{_lin('target')} values are on {values.device} but input on {input.device}; move them"
+                )
+        form, target_dtype = TargetForm.CSR, None if values is None else values.dtype
+    else:
+        _linear_tensor(torch, "target", target, "pass a dense (N, C), sparse COO/CSR tensor or (crow, col)")
+        if target.device != input.device:
+            raise RuntimeError(
+                f"{_lin('target')} is on {target.device} but input is on {input.device}; move it with "
+                "target.to(input.device)"
+            )
+        if target.layout is torch.strided:
+            want = lead + (n_classes,)
+            if tuple(target.shape) != want:
+                raise ValueError(
+                    f"{LINEAR_FUNCTION}(): target of shape {tuple(target.shape)} does not match the logits' "
+                    f"shape {want} (input.shape[:-1] + (C,), C = weight.shape[0])"
+                )
+            dense, form, target_dtype = target.reshape(n_rows, n_classes), TargetForm.DENSE, target.dtype
+        elif target.layout in (torch.sparse_coo, torch.sparse_csr):
+            if target.ndim != 2 or target.dense_dim() != 0 or tuple(target.shape) != (n_rows, n_classes):
+                raise ValueError(
+                    f"{LINEAR_FUNCTION}(): a sparse target must be 2-D (N, C) = ({n_rows}, {n_classes}) with "
+                    f"scalar values, got shape {tuple(target.shape)}; flatten the rows of input to match"
+                )
+            # (Copies of the index and value tensors, O(nnz): views into a sparse tensor are not ordinary
+            # tensors to torch.compile, which then fails on the frames that receive them.)
+            if target.layout is torch.sparse_coo:
+                coo = target.coalesce()  # sorted by (row, column), duplicates summed (as to_dense does)
+                rows, col = coo.indices()[0].clone(), coo.indices()[1].clone()
+                values = coo.values().clone()
+                crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=input.device)
+                if rows.numel():
+                    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows)[:n_rows], 0)
+            else:
+                crow, col = target.crow_indices().clone().long(), target.col_indices().clone().long()
+                values = target.values().clone()
+            form, target_dtype = TargetForm.CSR, values.dtype
+        else:
+            raise LayoutError(
+                f"{_lin('target')} has layout {target.layout}; use a dense tensor, torch.sparse_coo or "
+                "torch.sparse_csr (or the tuple (crow_indices, col_indices[, values]))"
+            )
+        if target.requires_grad and torch.is_grad_enabled():
+            _linear_no_grad(torch, "target", target)
+    if target_dtype is not None and not (target_dtype.is_floating_point):
+        raise DTypeError(
+            f"{_lin('target')} must be floating-point (probabilities in [0, 1]), got dtype "
+            f"{target_dtype}; convert with .float() (sparse: its values)"
+        )
+    if values is not None:
+        _linear_no_grad(torch, "target", values)
+    compute = compute_dtype(torch, input.dtype, input.dtype if target_dtype is None else target_dtype)
+    out_dtype = input.dtype if target_dtype is None else target_dtype
+    if _autocast_on(torch, input.device.type) and out_dtype in (torch.float16, torch.bfloat16):
+        out_dtype = torch.float32  # torch runs its loss in float32 under autocast
+    if values is not None:
+        values = values.to(compute)
+
+    if pos_weight is not None:
+        if not _is_real(pos_weight):
+            raise DTypeError(f"{_lin('pos_weight')} must be real-valued, got {pos_weight.dtype}")
+        _linear_no_grad(torch, "pos_weight", pos_weight)
+        if tuple(pos_weight.shape) not in ((n_classes,), (1,)):
+            raise ValueError(
+                f"{_lin('pos_weight')} must have shape ({n_classes},) (one weight per class of weight) "
+                f"or (1,), got {tuple(pos_weight.shape)}"
+            )
+        pos_weight = pos_weight.to(compute).expand(n_classes).contiguous()
+
+    if ignore_rows is not None:
+        _linear_tensor(torch, "ignore_rows", ignore_rows, "pass a bool mask, True for rows to leave out")
+        if ignore_rows.dtype != torch.bool:
+            raise DTypeError(
+                f"{_lin('ignore_rows')} must be a bool mask (True = leave the row out), got dtype "
+                f"{ignore_rows.dtype}; use (mask != 0)"
+            )
+        if tuple(ignore_rows.shape) not in (lead, (n_rows,)):
+            raise ValueError(
+                f"{_lin('ignore_rows')} must have shape {lead} (input's leading dimensions), got "
+                f"{tuple(ignore_rows.shape)}"
+            )
+        if ignore_rows.device != input.device:
+            raise RuntimeError(
+                f"{_lin('ignore_rows')} is on {ignore_rows.device} but input on {input.device}; move it"
+            )
+        ignore_rows = ignore_rows.reshape(n_rows)
+    rows, classes, budget = chunking
+    return LinearCall(
+        input.reshape(n_rows, d), weight, bias, form, dense, crow, col, values, pos_weight, ignore_rows,
+        reduction, options, rows, classes, budget, compute, out_dtype, lead,
+    )  # fmt: skip
+
+
+def check_linear_values(call: LinearCall) -> None:
+    """The rules that read values, run in the op before its first matmul: sparse row pointers that start
+    at 0, never decrease and end at the number of column indices; column indices in [0, C); under
+    ``strict``, target values in [0, 1] (or equal to ignore_index) and pos_weight >= 0. O(N + nnz) for
+    sparse targets; strict on a dense target reads it once, in row blocks."""
+    torch = _torch()
+    n_classes = call.weight.shape[0]
+    if call.form == TargetForm.CSR:
+        crow, col = call.crow, call.col
+        steps = crow[1:] - crow[:-1]
+        if int(crow[0]) != 0 or int(crow[-1]) != col.shape[0] or bool((steps < 0).any()):
+            bad = int(torch.nonzero(steps < 0)[0, 0]) if bool((steps < 0).any()) else None
+            where = f"; it decreases after row {bad}" if bad is not None else ""
+            raise ValueError(
+                f"{LINEAR_FUNCTION}(): target's row pointers must be sorted (non-decreasing), start at "
+                f"0 and end at the number of column indices ({col.shape[0]}); got first {int(crow[0])}, last "
+                f"{int(crow[-1])}{where}. Build them with torch.cumsum of the row counts"
+            )
+        if col.numel():
+            out = (col < 0) | (col >= n_classes)
+            if bool(out.any()):
+                i = int(torch.nonzero(out)[0, 0])
+                raise ValueError(
+                    f"{LINEAR_FUNCTION}(): target has column index {int(col[i])} (entry {i}), out of range "
+                    f"for C={n_classes} classes (weight.shape[0]); indices must be in [0, {n_classes})"
+                )
+    if not call.options.strict:
+        return
+    ii = call.options.ignore_index
+    chunks = [call.values] if call.form == TargetForm.CSR else torch.split(call.target, 4096, 0)
+    for y in chunks:
+        if y is None:
+            continue
+        bad = ~((y >= 0) & (y <= 1))
+        if ii is not None:
+            bad &= y != ii
+        if bool(bad.any()):
+            v = float(y[bad][0])
+            raise ValueError(
+                f"strict: target has {int(bad.sum())} value(s) outside [0, 1] or not finite (e.g. {v}); BCE "
+                "targets are probabilities. Fix the labels, mask them with ignore_index=..., or pass "
+                "strict=False"
+            )
+    p = call.pos_weight
+    if p is not None and bool((p < 0).any()):
+        raise ValueError(
+            f"strict: pos_weight has negative entries (min {float(p.min())}); use weights >= 0 or pass "
+            "strict=False"
+        )
