@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import kernels
 from ._args import ArgumentTypeError, DTypeError, LayoutError
+from .distributed import loss_denominator
 from .functional import binary_cross_entropy_with_logits, loss_and_grad, pos_weight_from_targets
 from .kernels import PerformanceWarning
 
@@ -14,10 +15,13 @@ __all__ = [
     "DTypeError",
     "LayoutError",
     "PerformanceWarning",
+    "SigLIPLoss",
     "binary_cross_entropy_with_logits",
     "kernels",
     "loss_and_grad",
+    "loss_denominator",
     "pos_weight_from_targets",
+    "siglip_loss",
 ]
 
 
@@ -31,4 +35,10 @@ def __getattr__(name: str):
                 "(the functional API works on NumPy arrays without it)"
             ) from exc
         return BCEWithLogitsLoss
+    if name in ("SigLIPLoss", "siglip_loss"):
+        try:
+            from . import siglip
+        except ImportError as exc:  # torch is an optional extra
+            raise ImportError(f"bcelogits.{name} needs PyTorch: pip install 'bcelogits[torch]'") from exc
+        return getattr(siglip, name)
     raise AttributeError(f"module 'bcelogits' has no attribute {name!r}")
