@@ -136,14 +136,22 @@ class _Targets:
 
 
 class _Sums:
-    """What the blocks accumulate for one rank's rows: the loss sum and Σ G (float64 scalars, kept as
-    tensors so that a GPU never waits for the host) and A = Σ_j G_ij y_j per row (the image gradient / t)."""
+    """What the blocks accumulate for one rank's rows: the loss sum (a float64 scalar, kept as a tensor so
+    that a GPU never waits for the host) and, per row, ``[A_i, s_i]``: A = Σ_j G_ij y_j (the image gradient
+    / t) and s_i = Σ_j G_ij (Σ_i s_i is the bias gradient), formed by one product with the texts and a
+    column of ones (a separate sum over each block of G cost as much as the product on a loaded CPU)."""
 
     def __init__(self, img, want_grad: bool):
-        f64 = dict(dtype=torch.float64, device=img.device)
-        self.loss = torch.zeros((), **f64)
-        self.g_sum = torch.zeros((), **f64) if want_grad else None
-        self.img_acc = torch.zeros_like(img) if want_grad else None
+        self.loss = torch.zeros((), dtype=torch.float64, device=img.device)
+        self.img_acc = img.new_zeros(img.shape[0], img.shape[1] + 1) if want_grad else None
+
+    @property
+    def image(self):
+        return self.img_acc[:, :-1]
+
+    @property
+    def g_sum(self):
+        return self.img_acc[:, -1].sum(dtype=torch.float64)
 
 
 def _score(img, txt, scale, bias, sums: _Sums, txt_acc, diagonal: bool, block: int, targets: _Targets):
@@ -152,14 +160,16 @@ def _score(img, txt, scale, bias, sums: _Sums, txt_acc, diagonal: bool, block: i
     of ``txt`` are a pair (the positives are on the diagonal of the diagonal blocks)."""
     n, m = img.shape[0], txt.shape[0]
     want_grad = sums.img_acc is not None
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
-        rows = img[i0:i1]
-        scaled_rows = rows * scale
-        for j0 in range(0, m, block):
-            j1 = min(j0 + block, m)
-            cols = txt[j0:j1]
-            logits = torch.addmm(bias, scaled_rows, cols.T)
+    for j0 in range(0, m, block):  # a block of texts, scaled by t once, against every block of rows
+        j1 = min(j0 + block, m)
+        cols = txt[j0:j1]
+        scaled_cols = cols * scale
+        if want_grad:  # [y_j, 1]: G @ it gives [A_i, s_i] in one product
+            cols_ones = torch.cat([cols, cols.new_ones(j1 - j0, 1)], dim=1)
+        for i0 in range(0, n, block):
+            i1 = min(i0 + block, n)
+            rows = img[i0:i1]
+            logits = torch.addmm(bias, rows, scaled_cols.T)
             target = targets.get(i1 - i0, j1 - j0, diagonal and i0 == j0)
             if not want_grad:
                 sums.loss += binary_cross_entropy_with_logits(logits, target, reduction="sum")
@@ -167,8 +177,7 @@ def _score(img, txt, scale, bias, sums: _Sums, txt_acc, diagonal: bool, block: i
             loss, g = loss_and_grad(logits, target, reduction="sum")  # g = sigmoid(logits) - target
             del logits
             sums.loss += loss
-            sums.g_sum += g.sum(dtype=torch.float64)
-            sums.img_acc[i0:i1].addmm_(g, cols)
+            sums.img_acc[i0:i1].addmm_(g, cols_ones)
             txt_acc[j0:j1].addmm_(g.T, rows)
 
 
@@ -291,7 +300,7 @@ class _SigLIPFunction(torch.autograd.Function):
             inv_n = 1.0 / n if n else 0.0
             grads = [None] * 4
             if needs[2]:  # dL/dt = (1/N) sum_i x_i . A_i, a block of rows at a time (no N x D temporary)
-                acc = sums.img_acc
+                acc = sums.image
                 grads[2] = (
                     sum(
                         (x[i : i + block] * acc[i : i + block]).sum(dtype=torch.float64)
@@ -302,7 +311,7 @@ class _SigLIPFunction(torch.autograd.Function):
                     else torch.zeros((), dtype=torch.float64, device=x.device)
                 )
             if needs[0]:
-                grads[0] = sums.img_acc.mul_(t * inv_n)
+                grads[0] = sums.image.mul_(t * inv_n)
             if needs[1]:
                 grads[1] = txt_acc.mul_(t * inv_n)
             if needs[3]:
