@@ -102,8 +102,8 @@ def siglip_loss(
     img, txt = image_features, text_features
     scale = _as_tensor(logit_scale, img)
     bias = _as_tensor(0.0 if logit_bias is None else logit_bias, img)
-    loss = _SigLIPFunction.apply(img, txt, scale, bias, group, block)
-    return loss
+    # (A Function's needs_input_grad does not see torch.no_grad(): the grad mode is passed on.)
+    return _SigLIPFunction.apply(img, txt, scale, bias, group, block, torch.is_grad_enabled())
 
 
 def _as_tensor(s, like):
@@ -283,8 +283,8 @@ class _SigLIPFunction(torch.autograd.Function):
     ``loss.backward()`` on every rank, or a GradScaler, does)."""
 
     @staticmethod
-    def forward(ctx, img, txt, scale, bias, group, block):
-        needs = ctx.needs_input_grad[:4]
+    def forward(ctx, img, txt, scale, bias, group, block, grad_enabled):
+        needs = tuple(grad_enabled and need for need in ctx.needs_input_grad[:4])
         want_grad = any(needs)
         dtype = _compute_dtype(img.dtype)
         x, y = img.to(dtype), txt.to(dtype)
@@ -343,7 +343,7 @@ class _SigLIPFunction(torch.autograd.Function):
                     a.detach().requires_grad_(ctx.needs_input_grad[k])
                     for k, a in enumerate(ctx.saved_tensors)
                 ]
-                loss = _SigLIPFunction.apply(*again, None, ctx.block)
+                loss = _SigLIPFunction.apply(*again, None, ctx.block, True)
             grads = list(torch.autograd.grad(loss, [a for a in again if a.requires_grad]))
             grads = [grads.pop(0) if a.requires_grad else None for a in again]
         unit = go.device.type == "cpu" and float(go) == 1.0
@@ -352,7 +352,7 @@ class _SigLIPFunction(torch.autograd.Function):
             if g is not None and not unit:
                 g = g.mul_(go.to(g.dtype)) if g.ndim else g * go.to(g.dtype)
             out.append(g)
-        return (*out, None, None)
+        return (*out, None, None, None)
 
 
 class SigLIPLoss(torch.nn.Module):
