@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import kernels
 from ._args import ArgumentTypeError, DTypeError, LayoutError
+from .distributed import loss_denominator
 from .functional import binary_cross_entropy_with_logits, loss_and_grad, pos_weight_from_targets
 from .kernels import PerformanceWarning
 
@@ -15,11 +16,14 @@ __all__ = [
     "LayoutError",
     "LinearBCEWithLogitsLoss",
     "PerformanceWarning",
+    "SigLIPLoss",
     "binary_cross_entropy_with_logits",
     "kernels",
     "linear_binary_cross_entropy_with_logits",
     "loss_and_grad",
+    "loss_denominator",
     "pos_weight_from_targets",
+    "siglip_loss",
 ]
 
 
@@ -39,4 +43,10 @@ def __getattr__(name: str):
         except ImportError as exc:  # torch is an optional extra
             raise ImportError(f"bcelogits.{name} needs PyTorch: pip install 'bcelogits[torch]'") from exc
         return getattr(linear, name)
+    if name in ("SigLIPLoss", "siglip_loss"):
+        try:
+            from . import siglip
+        except ImportError as exc:  # torch is an optional extra
+            raise ImportError(f"bcelogits.{name} needs PyTorch: pip install 'bcelogits[torch]'") from exc
+        return getattr(siglip, name)
     raise AttributeError(f"module 'bcelogits' has no attribute {name!r}")

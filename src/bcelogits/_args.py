@@ -885,3 +885,191 @@ def check_linear_values(call: LinearCall) -> None:
             f"strict: pos_weight has negative entries (min {float(p.min())}); use weights >= 0 or pass "
             "strict=False"
         )
+
+
+# ----------------------------------------------------------------------------------------- beyond one device
+# siglip_loss and the global mean (process_group= / normalizer=): src/bcelogits/siglip.py, distributed.py.
+SIGLIP = "siglip_loss"
+
+
+def check_process_group(process_group, name: str):
+    """``torch.distributed`` for a usable ``process_group`` (None: None). Raises when torch.distributed is
+    unavailable or not initialised, for an object that is not a group, and for a group this process is not
+    a member of."""
+    if process_group is None:
+        return None
+    torch = _torch()
+    if torch is None:
+        raise ArgumentTypeError(
+            f"{name}: process_group is a torch.distributed group and needs torch tensors; NumPy arrays are "
+            "local to one process (pass process_group=None, or torch tensors)"
+        )
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError(f"{name}: process_group was given, but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{name}: process_group was given, but torch.distributed is not initialised in this process; "
+            "call torch.distributed.init_process_group(...) first, or pass process_group=None"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"{name}: process_group must be a torch.distributed ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD "
+            f"or one from new_group()), got {type(process_group).__name__}"
+        )
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(
+            f"{name}: this process (global rank {dist.get_rank()}) is not a member of process_group; call it "
+            "only on the group's ranks"
+        )
+    return dist
+
+
+def check_block_size(block_size) -> int | None:
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(
+            f"{SIGLIP}: block_size must be a positive int or None, got {type(block_size).__name__}"
+        )
+    if block_size < 1:
+        raise ValueError(f"{SIGLIP}: block_size must be a positive int or None (automatic), got {block_size}")
+    return int(block_size)
+
+
+def siglip_problem(image_features, text_features, logit_scale, logit_bias):
+    """The first thing wrong with the local arguments of a :func:`bcelogits.siglip_loss` call, as
+    ``(exception type, message)``, or None. (Returned, not raised: across ranks every rank must learn of a
+    problem on any one rank, or the others would wait for it forever.)"""
+    for name, f in (("image_features", image_features), ("text_features", text_features)):
+        if not is_tensor(f):
+            return ArgumentTypeError, (
+                f"{SIGLIP}: {name} must be a torch.Tensor, got {type(f).__name__}; wrap it with "
+                f"torch.as_tensor(...)"
+            )
+        if not f.is_floating_point():
+            return DTypeError, (
+                f"{SIGLIP}: {name} must be floating-point features, got dtype {f.dtype}; convert with "
+                f"{name}.float()"
+            )
+        if f.layout is not _torch().strided:
+            return LayoutError, (
+                f"{SIGLIP}: {name} must be a dense tensor, got layout {f.layout}; use .to_dense()"
+            )
+        if f.ndim != 2:
+            return ValueError, (
+                f"{SIGLIP}: {name} must be 2-D (batch, dim), got shape {tuple(f.shape)}; flatten it with "
+                f"{name}.reshape(len({name}), -1)"
+            )
+    img, txt = image_features, text_features
+    if img.shape[1] != txt.shape[1]:
+        return ValueError, (
+            f"{SIGLIP}: image_features and text_features must have the same feature dimension D, got "
+            f"{img.shape[1]} and {txt.shape[1]} (shapes {tuple(img.shape)} and {tuple(txt.shape)}); "
+            f"project both "
+            "to one embedding size"
+        )
+    if img.shape[0] != txt.shape[0]:
+        return ValueError, (
+            f"{SIGLIP}: image_features and text_features must hold the same number of pairs, got "
+            f"{img.shape[0]} images and {txt.shape[0]} texts (row i of each is a matching pair)"
+        )
+    if img.dtype != txt.dtype:
+        return DTypeError, (
+            f"{SIGLIP}: image_features is {img.dtype} but text_features is {txt.dtype}; convert one with "
+            ".to(other.dtype)"
+        )
+    if img.device != txt.device:
+        return RuntimeError, (
+            f"{SIGLIP}: image_features is on {img.device} but text_features on {txt.device}; move one with "
+            ".to(other.device)"
+        )
+    for name, s in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):
+        if s is None and name == "logit_bias":
+            continue
+        if is_tensor(s):
+            if s.numel() != 1:
+                return ValueError, (
+                    f"{SIGLIP}: {name} must be a scalar (a 0-dim tensor), got shape {tuple(s.shape)}; one "
+                    f"{name} is shared by all pairs (open_clip passes logit_scale.exp() of a 0-dim parameter)"
+                )
+            if not s.is_floating_point():
+                return DTypeError,(
+                    f"{SIGLIP}: {name} must be floating-point, got dtype {s.dtype}; use {name}.float()"
+                )
+            if s.device != img.device:
+                return RuntimeError, (
+                    f"{SIGLIP}: {name} is on {s.device} but the features are on {img.device}; move it with "
+                    f"{name}.to(image_features.device)"
+                )
+        elif isinstance(s, bool) or not isinstance(s, (int, float, np.number)):
+            return TypeError, (
+                f"{SIGLIP}: {name} must be a 0-dim tensor or a number, got {type(s).__name__}"
+                + ("" if name == "logit_scale" else " (or None for no bias)")
+            )
+    return None
+
+
+def raise_problem(problem) -> None:
+    if problem is not None:
+        raise problem[0](problem[1])
+
+
+GLOBAL_MEAN_REDUCTIONS = ("mean", "weighted_mean")
+
+
+def check_global_mean(reduction: str, process_group, normalizer, is_torch: bool):
+    """Rules of ``process_group=`` and ``normalizer=`` on the plain loss; returns ``(torch.distributed or
+    None, normalizer as a float, a 0-dim tensor, or None)``. Both change the denominator of a mean, so both
+    apply to 'mean' and 'weighted_mean' only."""
+    name = f"{FUNCTION}()"
+    if reduction not in GLOBAL_MEAN_REDUCTIONS:
+        given = "process_group" if process_group is not None else "normalizer"
+        raise ValueError(
+            f"{name}: {given}= sets the denominator of a mean, so it needs reduction='mean' or "
+            f"'weighted_mean', "
+            f"got reduction={reduction!r}; 'sum' has no denominator and 'none' is not reduced (drop "
+            f"{given}=, "
+            "or use reduction='mean')"
+        )
+    if process_group is not None and not is_torch:
+        raise ArgumentTypeError(
+            f"{name}: process_group is a torch.distributed group and needs torch tensors; NumPy arrays "
+            f"are local "
+            "to one process (pass torch tensors, or normalizer= with a denominator you all-reduced yourself)"
+        )
+    dist = check_process_group(process_group, name)
+    if normalizer is None:
+        return dist, None
+    if is_tensor(normalizer) or isinstance(normalizer, np.ndarray):
+        if normalizer.ndim != 0:
+            raise ValueError(
+                f"{name}: normalizer must be a number or a 0-dim tensor (the mean's denominator), got shape "
+                f"{tuple(normalizer.shape)}"
+            )
+        if not _is_real(normalizer) or (is_tensor(normalizer) and normalizer.dtype == _torch().bool):
+            raise DTypeError(f"{name}: normalizer must be real-valued, got dtype {normalizer.dtype}")
+        if is_tensor(normalizer):
+            if not is_torch:
+                raise ArgumentTypeError(f"{name}: a torch normalizer needs torch inputs; pass a number")
+            if normalizer.device.type == "cpu":
+                _check_normalizer_value(float(normalizer), name)
+            return dist, normalizer.detach()
+        normalizer = float(normalizer)
+    elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float, np.number)):
+        raise TypeError(
+            f"{name}: normalizer must be a number or a 0-dim tensor (the mean's denominator), got "
+            f"{type(normalizer).__name__}"
+        )
+    _check_normalizer_value(float(normalizer), name)
+    return dist, float(normalizer)
+
+
+def _check_normalizer_value(value: float, name: str) -> None:
+    if not 0.0 <= value < math.inf:  # (NaN fails too)
+        raise ValueError(
+            f"{name}: normalizer must be a finite number >= 0 (a count of elements or a sum of weights), got "
+            f"{value}"
+        )

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from . import _args, kernels
+from . import _args, distributed, kernels
 
 
 def binary_cross_entropy_with_logits(
@@ -23,6 +23,8 @@ def binary_cross_entropy_with_logits(
     class_dim: int | None = None,
     focal_gamma: float = 0.0,
     strict: bool = False,
+    process_group=None,
+    normalizer=None,
 ):
     r"""Binary cross-entropy between logits ``input`` and probabilities ``target``.
 
@@ -34,6 +36,13 @@ def binary_cross_entropy_with_logits(
     :func:`torch.nn.functional.binary_cross_entropy_with_logits` and behaves the same, accurate to a few
     ulps everywhere (see the README for the options after ``pos_weight``). Torch tensors give a
     differentiable tensor; NumPy arrays give a NumPy result.
+
+    A mean over more than this batch ('mean' and 'weighted_mean' only; docs/distributed.md):
+    ``process_group=`` (a torch.distributed group) all-reduces the denominator (the count of elements not
+    ignored, or the weight sum) and returns ``sum * world_size / global denominator``, so that DDP's averaged
+    gradients are those of the global mean; ``normalizer=`` (a number or 0-dim tensor) divides the sum by
+    it instead, e.g. the denominator of all micro-batches of a gradient-accumulation step
+    (:func:`bcelogits.loss_denominator`).
 
     >>> import numpy as np
     >>> x = np.array([0.8, -1.2, 2.4], dtype=np.float32)
@@ -51,7 +60,7 @@ def binary_cross_entropy_with_logits(
             binary_cross_entropy_with_logits, (input, target, weight, pos_weight),
             input, target, weight, size_average, reduce, reduction, pos_weight,
             ignore_index=ignore_index, label_smoothing=label_smoothing, class_dim=class_dim,
-            focal_gamma=focal_gamma, strict=strict,
+            focal_gamma=focal_gamma, strict=strict, process_group=process_group, normalizer=normalizer,
         )  # fmt: skip
     call = _args.simple_call(
         input, target, weight, size_average, reduce, reduction, pos_weight,
@@ -63,6 +72,12 @@ def binary_cross_entropy_with_logits(
         call = _args.parse(input, target, weight, pos_weight, reduction, options)
         if options.strict:
             _args.check_values(call)
+    if process_group is not None or normalizer is not None:  # a global mean: the sum, then its denominator
+        return distributed.mean_of_sum(call, process_group, normalizer, _reduce)
+    return _reduce(call)
+
+
+def _reduce(call):
     if call.is_torch:
         return _autograd(torch).apply(call)
     return kernels.forward(call).loss

@@ -14,7 +14,9 @@ class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
     A ``torch.nn.modules.loss._Loss``, as torch's losses are (code that checks for one finds it).
     ``weight`` and ``pos_weight`` are persistent buffers under the same names as torch's, so state
     dicts load both ways. The keyword-only options (all off by default) are described in
-    :func:`bcelogits.binary_cross_entropy_with_logits` and the README.
+    :func:`bcelogits.binary_cross_entropy_with_logits` and the README. ``process_group=`` (constructor)
+    and ``normalizer=`` (``forward``, as it changes with each batch) give a mean over more than one batch
+    (docs/distributed.md).
 
     >>> import torch
     >>> criterion = BCEWithLogitsLoss(pos_weight=torch.ones([64]))
@@ -37,6 +39,7 @@ class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
         class_dim: int | None = None,
         focal_gamma: float = 0.0,
         strict: bool = False,
+        process_group=None,
     ) -> None:
         if size_average is not None or reduce is not None:
             reduction = _args.legacy_reduction(size_average, reduce)
@@ -44,8 +47,9 @@ class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
         self.options = _args.check_options(ignore_index, label_smoothing, class_dim, focal_gamma, strict)
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
+        self.process_group = process_group  # (not state: a group belongs to the running processes)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *, normalizer=None) -> torch.Tensor:
         return binary_cross_entropy_with_logits(
             input,
             target,
@@ -53,6 +57,8 @@ class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
             reduction=self.reduction,
             pos_weight=self.pos_weight,
             **self.options.__dict__,
+            process_group=self.process_group,
+            normalizer=normalizer,
         )
 
     def __prepare_scriptable__(self):
