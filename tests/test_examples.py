@@ -1,7 +1,7 @@
 """The worked examples in examples/ run at smoke size, write their plots, and show what they claim.
 
-They need scikit-learn and matplotlib (``pip install -e '.[examples]'``); without them these tests skip,
-saying so. CI installs them.
+The examples need scikit-learn and matplotlib (``pip install -e '.[examples]'``); without them their tests
+skip, saying so. CI installs them. The README's training example needs torch only.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("sklearn", reason="the examples need scikit-learn: pip install -e '.[examples]'")
-pytest.importorskip("matplotlib", reason="the examples need matplotlib: pip install -e '.[examples]'")
+pytest.importorskip("torch")  # (the torch extra; CI has it)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -28,6 +26,8 @@ def _load(name: str):
 
 
 def _run(name: str, tmp_path, capsys) -> tuple[dict, str]:
+    pytest.importorskip("sklearn", reason="the examples need scikit-learn: pip install -e '.[examples]'")
+    pytest.importorskip("matplotlib", reason="the examples need matplotlib: pip install -e '.[examples]'")
     out = tmp_path / (name.replace(".py", "") + ".png")
     result = _load(name).main(["--smoke", "--out", str(out)])
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 5_000
@@ -41,10 +41,10 @@ def test_every_example_has_a_test():
 
 
 def test_01_pos_weight_trades_precision_for_recall(tmp_path, capsys):
+    result, out = _run("01_pos_weight_digits.py", tmp_path, capsys)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    result, out = _run("01_pos_weight_digits.py", tmp_path, capsys)
     # pos_weight_from_targets against a count made here: negatives / positives of the training split
     _, labels = load_digits(return_X_y=True)
     y = (labels == 8).astype(np.float32)
@@ -82,3 +82,14 @@ def test_03_segmentation_runs_with_class_dim_and_focal(tmp_path, capsys):
     for name in ("pos_weight, class_dim=1", "pos_weight + focal_gamma=2"):
         assert np.all(result["iou"][name] > 0) and result["iou"][name].mean() > plain.mean() + 0.05
     assert "held-out IoU" in out
+
+
+def test_readme_training_example_runs_and_learns(capsys):
+    """The README's complete training step is code a user copies: it must run and the loss must fall."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## A complete training step", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 10 <= len(code.strip().splitlines()) <= 20
+    exec(compile(code, "README.md", "exec"), {})
+    final = float(capsys.readouterr().out.split("final loss")[1])
+    assert final < 0.5
