@@ -26,11 +26,11 @@ def binary_cross_entropy_with_logits(
 ):
     r"""Binary cross-entropy between logits ``input`` and target probabilities ``target``.
 
-    A drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`: the same positional
+    A drop-in for ``torch.nn.functional.binary_cross_entropy_with_logits``: the same positional
     arguments, broadcasting, dtypes, errors and warnings, exact to a few ulps everywhere (torch's own
     evaluation loses confident answers and small ``pos_weight`` gradients). Torch tensors give a
     differentiable tensor; NumPy arrays give a NumPy result. For logit ``x``, target ``y``, weight ``w``
-    and positive weight ``p``, each element's loss is::
+    and positive weight ``p``, each element's loss is:
 
         loss_i = w_i * [(1 - y_i) * softplus(x_i) + p_i * y_i * softplus(-x_i)]
 
@@ -50,7 +50,7 @@ def binary_cross_entropy_with_logits(
             count); a zero weight sum gives 0.
         pos_weight: Optional weight of the positive term, broadcast to ``input`` along its last dimension
             (or along ``class_dim``). Values above 1 raise recall, below 1 raise precision; see
-            :func:`pos_weight_from_targets`.
+            ``pos_weight_from_targets``.
         ignore_index: Target value that marks an element as missing: it contributes no loss and no
             gradient and leaves the mean's denominator (all ignored: a loss of 0). Default ``None``.
         label_smoothing: ``eps`` in [0, 1]: targets become ``y * (1 - eps) + eps / 2`` before everything
@@ -64,7 +64,7 @@ def binary_cross_entropy_with_logits(
             passed as logits). Default ``False`` (torch accepts such inputs).
 
     Returns:
-        The loss: a 0-dimensional tensor (or NumPy scalar) for ``'mean'``, ``'sum'`` and
+        The loss, a 0-dimensional tensor (or NumPy scalar) for ``'mean'``, ``'sum'`` and
         ``'weighted_mean'``; for ``'none'`` one value per element, of the broadcast shape. Its dtype is the
         target's (16-bit inputs are computed in float32 and rounded once).
 
@@ -170,7 +170,7 @@ def loss_and_grad(
     """The loss and its gradient with respect to ``input``, from one fused pass, without autograd.
 
     For NumPy arrays (the way to train with NumPy alone) or torch tensors (detached: no graph is built).
-    The arguments and options are those of :func:`binary_cross_entropy_with_logits`, except that
+    The arguments and options are those of ``binary_cross_entropy_with_logits``, except that
     ``pos_weight`` comes right after ``weight`` and the legacy ``size_average``/``reduce`` are not taken.
 
     Args:
@@ -178,23 +178,23 @@ def loss_and_grad(
         target: Target probabilities, of ``input``'s shape.
         weight: Optional rescaling weight, broadcast to ``input``.
         pos_weight: Optional weight of the positive term (see
-            :func:`binary_cross_entropy_with_logits`).
+            ``binary_cross_entropy_with_logits``).
         reduction: ``'mean'`` (default), ``'sum'``, ``'none'`` or ``'weighted_mean'``.
-        ignore_index: As in :func:`binary_cross_entropy_with_logits`.
-        label_smoothing: As in :func:`binary_cross_entropy_with_logits`.
-        class_dim: As in :func:`binary_cross_entropy_with_logits`.
-        focal_gamma: As in :func:`binary_cross_entropy_with_logits`.
-        strict: As in :func:`binary_cross_entropy_with_logits`.
+        ignore_index: As in ``binary_cross_entropy_with_logits``.
+        label_smoothing: As in ``binary_cross_entropy_with_logits``.
+        class_dim: As in ``binary_cross_entropy_with_logits``.
+        focal_gamma: As in ``binary_cross_entropy_with_logits``.
+        strict: As in ``binary_cross_entropy_with_logits``.
 
     Returns:
-        ``(loss, grad)``: the loss as :func:`binary_cross_entropy_with_logits` returns it, and
+        A pair ``(loss, grad)``, the loss as ``binary_cross_entropy_with_logits`` returns it and
         ``d loss / d input`` with ``input``'s shape and dtype. For ``reduction='none'`` the gradient is
         the elementwise derivative ``d loss_i / d input_i``.
 
     Raises:
-        ValueError: As in :func:`binary_cross_entropy_with_logits`.
-        RuntimeError: As in :func:`binary_cross_entropy_with_logits`.
-        TypeError: As in :func:`binary_cross_entropy_with_logits` (``DTypeError``, ``ArgumentTypeError``,
+        ValueError: As in ``binary_cross_entropy_with_logits``.
+        RuntimeError: As in ``binary_cross_entropy_with_logits``.
+        TypeError: As in ``binary_cross_entropy_with_logits`` (``DTypeError``, ``ArgumentTypeError``,
             ``LayoutError`` are ``TypeError`` s).
 
     Shape:

@@ -9,10 +9,10 @@ from .functional import binary_cross_entropy_with_logits
 
 
 class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
-    r"""Drop-in for :class:`torch.nn.BCEWithLogitsLoss`, exact to a few ulps, with fused kernels.
+    r"""Drop-in for ``torch.nn.BCEWithLogitsLoss``, exact to a few ulps, with fused kernels.
 
-    The module form of :func:`bcelogits.binary_cross_entropy_with_logits`; ``forward`` is one call into
-    it. Each element's loss, for logit ``x``, target ``y``, weight ``w`` and positive weight ``p``, is::
+    The module form of ``bcelogits.binary_cross_entropy_with_logits``; ``forward`` is one call into
+    it. Each element's loss, for logit ``x``, target ``y``, weight ``w`` and positive weight ``p``, is:
 
         loss = w * [(1 - y) * softplus(x) + p * y * softplus(-x)]
 
@@ -37,7 +37,7 @@ class BCEWithLogitsLoss(torch.nn.modules.loss._Loss):
 
     Raises:
         ValueError: an option out of range (at construction); at call time as
-            :func:`bcelogits.binary_cross_entropy_with_logits` raises.
+            ``bcelogits.binary_cross_entropy_with_logits`` raises.
         TypeError: an option of the wrong type (at construction).
 
     Shape:

@@ -100,7 +100,7 @@ def current() -> str:
     """The route that loss calls in this thread (and context) take now.
 
     Returns:
-        One of ``"auto"``, ``"plain"``, ``"cpu"``, ``"triton"``: the innermost :func:`use`, else
+        One of ``"auto"``, ``"plain"``, ``"cpu"``, ``"triton"``, set by the innermost ``use``, else by
         ``BCELOGITS_BACKEND``, else ``"auto"``.
 
     Examples:
