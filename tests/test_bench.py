@@ -225,3 +225,81 @@ def test_kernel_micro_script_runs_every_case(capsys, tmp_path):
         text = capsys.readouterr().out
         assert "1 MiB written before each call" in text
         assert ("arrays allocated by torch" in text) == bool(extra)
+
+
+# --------------------------------------------------------------------------------- what a reader can trust
+def test_median_round_is_a_real_round():
+    assert bench.median_round([3.0, 1.0, 2.0]) == 2  # the round with ratio 2
+    assert bench.median_round([4.0, 1.0, 3.0, 2.0]) == 3  # even count: the lower middle one (ratio 2)
+    assert bench.median_round([5.0]) == 0
+
+
+def test_times_ratio_and_floor_of_a_row_come_from_one_round(result):
+    """torch ms / bcelogits ms is the speed-up shown, and ours / floor is bcelogits ms / floor ms: the
+    numbers of a row cannot contradict each other (they did when times and ratios were medians of
+    different rounds)."""
+    for r in result.rows:
+        assert r.torch_ms / r.bcelogits_ms == pytest.approx(r.speedup, rel=1e-12)
+        assert r.bcelogits_ms / r.floor_ms == pytest.approx(r.bcelogits_over_floor, rel=1e-12)
+        assert r.speedup_min <= r.speedup <= r.speedup_max
+    # and so do the printed cells, to their rounding
+    for line in bench.format_table(result.rows).splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        torch_ms, ours_ms, speedup = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
+        # (times to 3 significant digits, the speed-up to 2 decimals)
+        assert torch_ms / ours_ms == pytest.approx(speedup, rel=0.011, abs=0.006)
+        low, high = (float(v) for v in cells[6].rstrip("x").split("-"))
+        assert low <= speedup <= high
+
+
+def test_quick_mode_says_what_it_skips(capsys):
+    assert bench.main(_args(quick=True, repeats=None, memory=None, shapes=[(32, 16)])) == 0
+    out = capsys.readouterr().out
+    assert "note: quick mode: sizes 512 only" in out and "3 rounds per cell" in out
+    assert "peak memory not measured in this run (quick mode" in out
+    header = next(line for line in out.splitlines() if line.startswith("| size |"))
+    assert "mem" not in header  # no empty column: left out, and the note says why
+
+
+def test_memory_column_is_shown_when_measured(result):
+    import dataclasses
+
+    rows = [dataclasses.replace(r, torch_mem=2.0, bcelogits_mem=1.0) for r in result.rows]
+    table = bench.format_table(rows)
+    assert "peak extra mem (torch / ours)" in table.splitlines()[0]
+    assert "| 2.0 / 1.0 |" in table
+    text = bench.report(bench.RunResult(rows, []), "cpu", "t")
+    assert "peak memory not measured" not in text
+
+
+def test_forward_below_its_floor_is_marked_as_noise(result):
+    import dataclasses
+
+    fwd = next(r for r in result.rows if r.mode == "fwd")
+    fb = next(r for r in result.rows if r.mode == "fwd+bwd")
+    assert bench._floor_ratio(dataclasses.replace(fwd, bcelogits_over_floor=0.8)) == "0.80x*"
+    assert bench._floor_ratio(dataclasses.replace(fwd, bcelogits_over_floor=1.5)) == "1.50x"
+    # fwd+bwd's floor is a reference (torch.add into a fresh tensor), not a bound: no mark below 1
+    assert bench._floor_ratio(dataclasses.replace(fb, bcelogits_over_floor=0.8)) == "0.80x"
+    assert "marked *" in bench.FOOTNOTES_CPU and "A reference, not a bound" in bench.FOOTNOTES_CPU
+
+
+def test_chart_legend_names_every_mark(result, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    seen = {}
+    real = matplotlib.figure.Figure.legend
+
+    def record(self, handles, labels, **kw):
+        seen["labels"] = list(labels)
+        return real(self, handles, labels, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", record)
+    bench.plot(result.rows, str(tmp_path / "c.png"), "title")
+    labels = seen["labels"]
+    assert {"bar: no weights", "bar: weight", "bar: pos_weight"} <= set(labels)
+    assert any(lab.startswith("whisker:") for lab in labels)
+    assert any("floor" in lab and "torch ms / floor ms" in lab for lab in labels)
+    assert "1x: as fast as torch" in labels
+    assert any("bcelogits faster" in lab for lab in labels) and any("torch faster" in lab for lab in labels)

@@ -2,8 +2,10 @@
 
 Every cell (size x weight configuration x mode) times ``torch.nn.functional.binary_cross_entropy_with_logits``
 and ``bcelogits.binary_cross_entropy_with_logits`` *interleaved* in one process: each round runs both (the
-order alternates between rounds), so a noisy neighbour slows both alike, and the speed-up reported is the
-median over rounds of the same-round ratio torch / bcelogits. Times are medians too.
+order alternates between rounds), so a noisy neighbour slows both alike. The speed-up reported is the
+median over rounds of the same-round ratio torch / bcelogits, with its min-max spread, and the times shown
+are those of that median round (the floor's too), so every number of a row comes from the same round and
+torch ms / bcelogits ms is the speed-up shown.
 
 - ``fwd``: the loss under ``torch.no_grad()``;
 - ``fwd+bwd``: ``loss = f(x, y); loss.backward()`` with ``x.grad = None`` before each round, so the
@@ -19,7 +21,8 @@ median over rounds of the same-round ratio torch / bcelogits. Times are medians 
 - error: the loss (and gradient) against torch's float64 evaluation on the same inputs: loss relative
   error, gradient max abs error / max abs gradient.
 
-``bcelogits bench --quick`` takes about 20 s. :func:`run` is the programmatic entry point
+``bcelogits bench --quick`` takes about 20 s: two sizes instead of three, 3 rounds a cell, and no
+peak-memory measurement (it says so in its output). :func:`run` is the programmatic entry point
 (``benchmarks/sweep.py`` and the tests use it).
 """
 
@@ -34,7 +37,6 @@ import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -137,12 +139,15 @@ class Row:
     threads: int
     backend: str
     rounds: int
+    # the times of the median round: the round whose same-round ratio torch / bcelogits is the median
+    # (the lower median for an even count), so torch_ms / bcelogits_ms == speedup
     torch_ms: float
     bcelogits_ms: float
     speedup: float  # median over rounds of torch / bcelogits (> 1: bcelogits faster)
     speedup_min: float
     speedup_max: float
-    # CPU fwd+bwd: torch.add into a fresh tensor; CPU fwd: one read of the inputs; CUDA: clone of the bytes
+    # CPU fwd+bwd: torch.add into a fresh tensor; CPU fwd: one read of the inputs; CUDA: clone of the bytes;
+    # measured in every round, shown for the median round
     floor_ms: float | None = None
     bcelogits_over_floor: float | None = None
     torch_gbps: float | None = None
@@ -559,7 +564,7 @@ def run(
     interrupted = False
     try:
         if cells:  # load (on a cold cache: compile) the kernels before the first timing
-            bar.describe("loading bcelogits kernels (numba compiles them on first use)")
+            bar.describe("loading bcelogits kernels")
             backend_for(make_inputs(Cell((8,) * len(cells[0].shape), dtype=cells[0].dtype), device))
         for cell in cells:
             tag = f"{cell.size} {cell.config_label} {cell.mode}"
@@ -635,6 +640,13 @@ def _collect(inp: Inputs | None) -> None:
         gc.collect()
 
 
+def median_round(ratios: list) -> int:
+    """Index of the round whose ratio is the median (the lower of the two middle ones for an even count):
+    a real round, whose times then agree with the ratio reported."""
+    order = sorted(range(len(ratios)), key=ratios.__getitem__)
+    return order[(len(order) - 1) // 2]
+
+
 def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
     """One cell's rounds; ``rule = (repeats, min_s, budget_s)`` (see :func:`run`)."""
     repeats, min_s, budget_s = rule
@@ -683,10 +695,9 @@ def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
         if budget_s is not None and r + 1 >= MIN_ROUNDS and time.perf_counter() - t_start > budget_s:
             break
 
-    def med(key):
-        return statistics.median(t[key] for t in rounds)
-
     ratios = [t["torch"] / t["bcelogits"] for t in rounds]
+    mid = median_round(ratios)
+    times = rounds[mid]
     row = Row(
         size=cell.size,
         shape="x".join(map(str, cell.shape)),
@@ -698,22 +709,22 @@ def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
         threads=0,
         backend=backend,
         rounds=len(rounds),
-        torch_ms=med("torch") * 1e3,
-        bcelogits_ms=med("bcelogits") * 1e3,
-        speedup=statistics.median(ratios),
+        torch_ms=times["torch"] * 1e3,
+        bcelogits_ms=times["bcelogits"] * 1e3,
+        speedup=ratios[mid],
         speedup_min=min(ratios),
         speedup_max=max(ratios),
     )
-    if "floor" in rounds[0]:
-        row.floor_ms = med("floor") * 1e3
-        row.bcelogits_over_floor = statistics.median(t["bcelogits"] / t["floor"] for t in rounds)
+    if "floor" in times:
+        row.floor_ms = times["floor"] * 1e3
+        row.bcelogits_over_floor = times["bcelogits"] / times["floor"]
     if buf is not None:
         nbytes = bytes_moved(cell)
-        row.floor_ms = med("copy") * 1e3
-        row.copy_gbps = 2 * buf.numel() / med("copy") / 1e9
-        row.torch_gbps = nbytes / med("torch") / 1e9
-        row.bcelogits_gbps = nbytes / med("bcelogits") / 1e9
-        row.bcelogits_over_floor = statistics.median(t["bcelogits"] / t["copy"] for t in rounds)
+        row.floor_ms = times["copy"] * 1e3
+        row.copy_gbps = 2 * buf.numel() / times["copy"] / 1e9
+        row.torch_gbps = nbytes / times["torch"] / 1e9
+        row.bcelogits_gbps = nbytes / times["bcelogits"] / 1e9
+        row.bcelogits_over_floor = times["bcelogits"] / times["copy"]
         del buf
         for lib in LIBS:
             setattr(row, f"{lib}_mem", _cuda_memory(fns[lib], inp, _kwargs(inp, lib), cell, sync))
@@ -728,7 +739,7 @@ def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
 
 # --------------------------------------------------------------------------------------------- output
 def machine_line(device: str = "cpu") -> str:
-    """CPU (or GPU) model, cores, memory, torch and numba versions and threads, date."""
+    """CPU (or GPU) model, cores, memory, torch version and threads (numba's, if installed), date."""
     import torch
 
     parts = []
@@ -754,10 +765,10 @@ def machine_line(device: str = "cpu") -> str:
         pass
     parts.append(cpu)
     parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    try:
+    try:  # (the kernels of bcelogits 0.1 are compiled by numba; say which, where it is installed)
         parts.append(f"numba {importlib.metadata.version('numba')}")
     except importlib.metadata.PackageNotFoundError:
-        parts.append("no numba")
+        pass
     parts.append(f"{platform.system()} {platform.release().split('-')[0]}")
     parts.append(datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
     return " | ".join(parts)
@@ -766,7 +777,7 @@ def machine_line(device: str = "cpu") -> str:
 def _ms(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
-    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3g}"
 
 
 def _pair(a, b, fmt) -> str:
@@ -784,11 +795,14 @@ def _err(v) -> str:
 
 
 def format_table(rows: list, device: str = "cpu") -> str:
-    """The rows as a markdown pipe table."""
+    """The rows as a markdown pipe table: every number of a row from the same (median) round; the memory
+    column only when memory was measured."""
     cuda = device == "cuda"
-    head = ["size", "config", "mode", "torch ms", "bcelogits ms", "speed-up"]
+    memory = any(r.torch_mem is not None or r.bcelogits_mem is not None for r in rows)
+    head = ["size", "config", "mode", "torch ms", "bcelogits ms", "speed-up", "spread"]
     head += ["copy ms", "GB/s torch / ours / copy"] if cuda else ["floor ms", "ours / floor"]
-    head += ["peak extra mem (torch / ours)", "max err (torch / ours)", "backend"]
+    head += ["peak extra mem (torch / ours)"] if memory else []
+    head += ["max err (torch / ours)", "backend"]
     out = [
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 4) + ["---"]) + "|",
@@ -801,50 +815,79 @@ def format_table(rows: list, device: str = "cpu") -> str:
             _ms(r.torch_ms),
             _ms(r.bcelogits_ms),
             f"{r.speedup:.2f}x",
+            f"{r.speedup_min:.2f}-{r.speedup_max:.2f}x",
         ]
         if cuda:
             gb = f"{r.torch_gbps:.0f} / {r.bcelogits_gbps:.0f} / {r.copy_gbps:.0f}" if r.copy_gbps else ""
             cells += [_ms(r.floor_ms), gb]
         else:
-            ratio = "" if r.bcelogits_over_floor is None else f"{r.bcelogits_over_floor:.1f}x"
-            cells += [_ms(r.floor_ms), ratio]
-        cells += [
-            _pair(r.torch_mem, r.bcelogits_mem, _mem),
-            _pair(r.torch_err, r.bcelogits_err, _err),
-            r.backend,
-        ]
+            cells += [_ms(r.floor_ms), _floor_ratio(r)]
+        if memory:
+            cells.append(_pair(r.torch_mem, r.bcelogits_mem, _mem))
+        cells += [_pair(r.torch_err, r.bcelogits_err, _err), r.backend]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
+def _floor_ratio(r) -> str:
+    """``ours / floor``; a forward below its floor (a read of the inputs, which no loss can undercut) is
+    timing noise and is marked with ``*``."""
+    if r.bcelogits_over_floor is None:
+        return ""
+    mark = "*" if r.mode == "fwd" and r.bcelogits_over_floor < 1 else ""
+    return f"{r.bcelogits_over_floor:.2f}x{mark}"
+
+
 FOOTNOTES_CPU = """\
-speed-up: median over rounds of torch time / bcelogits time in the same round (> 1: bcelogits is faster);
-times are medians; torch and bcelogits alternate which goes first. fwd: under torch.no_grad(); fwd+bwd:
-loss + loss.backward() with x.grad = None before each round. floor, fwd+bwd: torch.add(x, y) into a fresh
-tensor of the input's size (what producing an input-sized tensor costs with torch's allocator: mostly
-first-touch page faults on big tensors; bcelogits asks for huge pages for its own big outputs, which makes
-it cheaper); fwd: reading the inputs once, torch.dot(x, y) (+ .sum() of an input-sized weight or
-pos_weight): no loss can beat it, so torch ms / floor ms is the most any forward could gain. The floor
-runs after both libraries in each round, so it finds its inputs where the second of them left them.
-peak extra mem: resident high-water mark of one call (fresh process) above the inputs, in input-sized
-tensors; the gradient itself is 1. max err vs torch float64 on the same inputs: fwd rows the loss (relative),
-fwd+bwd rows the gradient (max abs error / max abs gradient); loss errors of fwd+bwd are in the CSV.
+Every number of a row comes from one round: of the rounds measured (torch and bcelogits alternating which
+goes first), the one whose ratio torch ms / bcelogits ms is the median. So 'speed-up' = torch ms /
+bcelogits ms (> 1: bcelogits is faster), and 'spread' is the lowest-highest same-round ratio of the cell.
+The machine may be shared: read the ratios, not the milliseconds.
+fwd: the loss under torch.no_grad(). fwd+bwd: loss + loss.backward(), x.grad = None before each round.
+floor, timed in every round after both libraries:
+- fwd: one read of the inputs, torch.dot(x, y) (+ .sum() of an input-sized weight or pos_weight). No loss
+  of these inputs can be faster, so torch ms / floor ms is the most any forward could gain here; an
+  'ours / floor' below 1 (marked *) is timing noise of that round.
+- fwd+bwd: torch.add(x, y) into a fresh input-sized tensor: what returning an input-sized result costs with
+  torch's allocator (on big tensors mostly first-touch page faults). A reference, not a bound: bcelogits
+  puts its own big gradients on huge pages, which fault less, so it can come in below 1.
+max err vs torch's float64 evaluation of the same inputs: fwd rows the loss (relative), fwd+bwd rows the
+gradient (max abs error / max abs gradient); the loss errors of fwd+bwd rows are in the CSV.
+peak extra mem (full runs only): resident high-water mark of one call in a fresh process, above the
+inputs, in input-sized tensors; the gradient itself is 1.
 rounds per cell (in the CSV): by default at least 5, and more until the cell has measured for 2 s (at
 most 60); --quick: 3; --repeats N: exactly N."""
 
 FOOTNOTES_CUDA = """\
-speed-up: median over rounds of torch time / bcelogits time in the same round (> 1: bcelogits is faster);
-times are medians (torch.cuda.synchronize around each call). GB/s: bytes a call must move (read logits,
-targets, full weight; write the gradient for fwd+bwd) / time; copy: a clone of the same number of bytes.
-peak extra mem: torch.cuda.max_memory_allocated above the inputs, in input-sized tensors. max err vs torch
-float64 on the same inputs: fwd rows the loss (relative), fwd+bwd rows the gradient (max abs error / max
-abs gradient)."""
+Every number of a row comes from one round: the one whose ratio torch ms / bcelogits ms is the median
+(torch.cuda.synchronize around each call), so 'speed-up' = torch ms / bcelogits ms (> 1: bcelogits is
+faster); 'spread' is the lowest-highest same-round ratio. GB/s: bytes a call must move (read logits,
+targets, full weight; write the gradient for fwd+bwd) / time; copy: a clone of the same number of bytes
+in the same round. peak extra mem: torch.cuda.max_memory_allocated above the inputs, in input-sized
+tensors. max err vs torch float64 on the same inputs: fwd rows the loss (relative), fwd+bwd rows the
+gradient (max abs error / max abs gradient)."""
+
+QUICK_NOTE = (
+    "quick mode: sizes {sizes} only (the full run has 4.1M, 16.8M and 84M elements) and 3 rounds per cell "
+    "(the full run takes at least 5, and more until a cell has measured for 2 s); run without --quick for "
+    "those"
+)
+NO_MEMORY_NOTE = (
+    "peak memory not measured in this run ({why}: it needs a fresh process per cell and library), so its "
+    "column is left out"
+)
 
 
-def report(result: RunResult, device: str, title: str) -> str:
+def report(result: RunResult, device: str, title: str, quick: bool = False) -> str:
     lines = [f"## {title}", "", f"machine: {machine_line(device)}", ""]
     backends = sorted({r.backend for r in result.rows})
     lines.append(f"bcelogits backend: {', '.join(backends) or 'n/a'}")
+    if quick:
+        sizes = ", ".join(dict.fromkeys(r.size for r in result.rows)) or "-"
+        lines.append("note: " + QUICK_NOTE.format(sizes=sizes))
+    if result.rows and all(r.torch_mem is None and r.bcelogits_mem is None for r in result.rows):
+        why = "quick mode" if quick else "memory measurement off"
+        lines.append("note: " + NO_MEMORY_NOTE.format(why=why))
     lines += [f"note: {n}" for n in result.notes]
     if result.interrupted:
         lines.append("note: interrupted; the rows measured so far follow")
@@ -895,7 +938,7 @@ def plot(rows: list, path: str, title: str, subtitle: str = "") -> None:
     fig, axes = plt.subplots(
         1, len(modes), figsize=(6.2 * len(modes), 1.6 + 1.15 * len(sizes)), squeeze=False, sharex=True
     )
-    floor_label = "speed-up at the floor (torch ms / floor ms)"
+    floor_label = "torch ms / floor ms: the speed-up of a call as fast as the floor"
     floor_labelled = False
     for ax, mode in zip(axes[0], modes):
         ax.axvspan(1.0, hi * 10, color="#2ca02c", alpha=0.06, lw=0)
@@ -957,12 +1000,32 @@ def plot(rows: list, path: str, title: str, subtitle: str = "") -> None:
 
     for ax in axes[0]:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    handles, labels = axes[0][0].get_legend_handles_labels()  # (the floor marker is labelled there)
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.legend(*_legend_entries(axes, floor_label), loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.16 if len(sizes) < 3 else 0.12, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _legend_entries(axes, floor_label: str) -> tuple[list, list]:
+    """Every mark of the chart: the bar colours (configurations), the whisker, the floor diamond, the
+    parity line and the two shaded halves."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles, labels = axes[0][0].get_legend_handles_labels()  # bars (and the diamond, if drawn)
+    bars = [(h, lab) for h, lab in zip(handles, labels) if lab != floor_label]
+    entries = [(h, f"bar: {lab}") for h, lab in bars]
+    entries.append(
+        (Line2D([], [], color="#333", lw=0.8, marker="|", ms=6), "whisker: lowest-highest same-round ratio")
+    )
+    if floor_label in labels:
+        diamond = Line2D([], [], marker="D", ms=4.5, mfc="white", mec="#333", mew=1.0, ls="none")
+        entries.append((diamond, floor_label))
+    entries.append((Line2D([], [], ls="--", color="k", lw=1.2), "1x: as fast as torch"))
+    entries.append((Patch(color="#2ca02c", alpha=0.15), "right of 1x: bcelogits faster"))
+    entries.append((Patch(color="#d62728", alpha=0.15), "left of 1x: torch faster"))
+    return [h for h, _ in entries], [lab for _, lab in entries]
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -1100,7 +1163,7 @@ def main(args) -> int:
         f"bcelogits {_version()} vs torch.nn.functional.binary_cross_entropy_with_logits "
         f"({device}, float32, reduction='mean'{', quick' if quick else ''})"
     )
-    print(report(result, device, title))
+    print(report(result, device, title, quick=quick and device != "cuda"))
     machine = machine_line(device)
     if getattr(args, "csv", None):
         write_csv(result.rows, args.csv, machine)

@@ -26,31 +26,104 @@ def binary_cross_entropy_with_logits(
     process_group=None,
     normalizer=None,
 ):
-    r"""Binary cross-entropy between logits ``input`` and probabilities ``target``.
+    r"""Binary cross-entropy between logits ``input`` and target probabilities ``target``.
 
-    .. math::
+    A drop-in for ``torch.nn.functional.binary_cross_entropy_with_logits``: the same positional
+    arguments, broadcasting, dtypes, errors and warnings, exact to a few ulps everywhere (torch's own
+    evaluation loses confident answers and small ``pos_weight`` gradients). Torch tensors give a
+    differentiable tensor; NumPy arrays give a NumPy result. For logit ``x``, target ``y``, weight ``w``
+    and positive weight ``p``, each element's loss is:
 
-        \ell_i = w_i\,[(1 - y_i)\,\mathrm{softplus}(x_i) + p_i\,y_i\,\mathrm{softplus}(-x_i)]
+        loss_i = w_i * [(1 - y_i) * softplus(x_i) + p_i * y_i * softplus(-x_i)]
 
-    reduced by ``reduction`` ('none' | 'mean' | 'sum' | 'weighted_mean'). Takes exactly the arguments of
-    :func:`torch.nn.functional.binary_cross_entropy_with_logits` and behaves the same, accurate to a few
-    ulps everywhere (see the README for the options after ``pos_weight``). Torch tensors give a
-    differentiable tensor; NumPy arrays give a NumPy result.
+    (the same as ``-w * [p * y * log(sigmoid(x)) + (1 - y) * log(1 - sigmoid(x))]``), evaluated without
+    cancellation. The keyword-only options are all off by default, when the result is torch's.
 
-    A mean over more than this batch ('mean' and 'weighted_mean' only; docs/distributed.md):
-    ``process_group=`` (a torch.distributed group) all-reduces the denominator (the count of elements not
-    ignored, or the weight sum) and returns ``sum * world_size / global denominator``, so that DDP's averaged
-    gradients are those of the global mean; ``normalizer=`` (a number or 0-dim tensor) divides the sum by
-    it instead, e.g. the denominator of all micro-batches of a gradient-accumulation step
-    (:func:`bcelogits.loss_denominator`).
+    Args:
+        input: Logits (unnormalised scores, any real number; not probabilities), a floating-point torch
+            tensor or NumPy array.
+        target: Target probabilities, usually 0 or 1, of the same shape as ``input`` and a floating-point
+            dtype (convert integer labels with ``target.float()``).
+        weight: Optional rescaling weight, broadcast to ``input`` (it may not enlarge the result).
+        size_average: Deprecated, as in torch: overrides ``reduction`` with torch's warning.
+        reduce: Deprecated, as in torch: overrides ``reduction`` with torch's warning.
+        reduction: ``'mean'`` (default), ``'sum'``, ``'none'``, or ``'weighted_mean'``: the sum of
+            ``weight * loss`` divided by the sum of the weights (torch's ``'mean'`` divides by the element
+            count); a zero weight sum gives 0.
+        pos_weight: Optional weight of the positive term, broadcast to ``input`` along its last dimension
+            (or along ``class_dim``). Values above 1 raise recall, below 1 raise precision; see
+            ``pos_weight_from_targets``.
+        ignore_index: Target value that marks an element as missing: it contributes no loss and no
+            gradient and leaves the mean's denominator (all ignored: a loss of 0). Default ``None``.
+        label_smoothing: ``eps`` in [0, 1]: targets become ``y * (1 - eps) + eps / 2`` before everything
+            else. Default 0.
+        class_dim: Dimension of ``input`` that a 1-D ``pos_weight`` of length C applies along, e.g. 1 for
+            an (N, C, H, W) segmentation output. Default ``None``: torch's broadcasting (last dimension).
+        focal_gamma: ``gamma >= 0``: each element's loss is multiplied by ``(1 - p_t) ** gamma``, with
+            ``p_t = sigmoid(x) * y + (1 - sigmoid(x)) * (1 - y)`` (focal loss); 0 (default) is plain BCE.
+        strict: When true, raise ``ValueError`` for a target outside [0, 1] or not finite and for a
+            negative ``weight``/``pos_weight``, and warn when every logit lies in [0, 1] (probabilities
+            passed as logits). Default ``False`` (torch accepts such inputs).
+        process_group: A ``torch.distributed`` group ('mean' and 'weighted_mean' only): the mean's
+            denominator (the count of elements not ignored, or the weight sum) is all-reduced over the
+            group and each rank returns ``sum * world_size / global denominator``, so that DDP's averaged
+            gradients are those of the global mean (docs/distributed.md). Default ``None``.
+        normalizer: An explicit denominator, a number or 0-dim tensor ('mean' and 'weighted_mean'
+            only): the sum is divided by it, e.g. the denominator of all micro-batches of a
+            gradient-accumulation step (``bcelogits.loss_denominator``). Default ``None``.
 
-    >>> import numpy as np
-    >>> x = np.array([0.8, -1.2, 2.4], dtype=np.float32)
-    >>> y = np.array([1.0, 0.0, 1.0], dtype=np.float32)
-    >>> print(f"{binary_cross_entropy_with_logits(x, y):.4f}")
-    0.2404
-    >>> print(binary_cross_entropy_with_logits(np.array([-1000.0]), np.array([0.0]), reduction="none"))
-    [0.]
+    Returns:
+        The loss, a 0-dimensional tensor (or NumPy scalar) for ``'mean'``, ``'sum'`` and
+        ``'weighted_mean'``; for ``'none'`` one value per element, of the broadcast shape. Its dtype is the
+        target's (16-bit inputs are computed in float32 and rounded once).
+
+    Raises:
+        ValueError: ``target`` has another size than ``input``; ``reduction`` is not one of the names
+            above; an option is out of range; ``class_dim`` does not match ``pos_weight``'s length; with
+            ``strict``, bad target or weight values.
+        RuntimeError: ``weight``/``pos_weight`` cannot broadcast to the input or would enlarge it; a
+            tensor is on another device than ``input``; a weight requires grad while grad mode is on.
+        bcelogits.DTypeError: integer or bool ``input``/``target`` (a ``TypeError`` and a
+            ``RuntimeError``; the message says how to convert).
+        bcelogits.ArgumentTypeError: an argument is not a tensor or array (a ``TypeError``), or NumPy
+            arrays are mixed with tensors.
+        bcelogits.LayoutError: a sparse tensor (a ``TypeError`` and a ``NotImplementedError``).
+        TypeError: an option of the wrong type.
+
+    Shape:
+        - input: ``(*)``, any number of dimensions.
+        - target: ``(*)``, the same shape as ``input``.
+        - weight, pos_weight: broadcastable to ``input``.
+        - output: scalar, or ``(*)`` for ``reduction='none'``.
+
+    Examples:
+        NumPy arrays in, a NumPy value out:
+
+        >>> import numpy as np
+        >>> x = np.array([0.8, -1.2, 2.4], dtype=np.float32)
+        >>> y = np.array([1.0, 0.0, 1.0], dtype=np.float32)
+        >>> print(f"{binary_cross_entropy_with_logits(x, y):.4f}")
+        0.2404
+
+        A confident right answer has a small but nonzero loss (torch gives 0 here):
+
+        >>> print(binary_cross_entropy_with_logits(np.array([-40.0]), np.array([0.0]), reduction="none"))
+        [4.24835426e-18]
+
+        Missing labels marked -1, and a focal term:
+
+        >>> y = np.array([1.0, -1.0, 1.0], dtype=np.float32)
+        >>> print(f"{binary_cross_entropy_with_logits(x, y, ignore_index=-1, focal_gamma=2.0):.5f}")
+        0.01813
+
+        Torch tensors are differentiable:
+
+        >>> import torch
+        >>> logits = torch.tensor([0.5, -2.0], requires_grad=True)
+        >>> loss = binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0.0]))
+        >>> loss.backward()
+        >>> logits.grad
+        tensor([-0.1888,  0.0596])
     """
     torch = sys.modules.get("torch")
     if torch is not None and torch._C._has_torch_function((input, target, weight, pos_weight)):
@@ -116,15 +189,55 @@ def loss_and_grad(
     focal_gamma: float = 0.0,
     strict: bool = False,
 ):
-    """``(loss, d loss / d input)`` in one fused pass, without autograd (NumPy arrays or torch tensors).
+    """The loss and its gradient with respect to ``input``, from one fused pass, without autograd.
 
-    The gradient has the input's shape and dtype. For ``reduction='none'`` it is the elementwise
-    derivative ``d loss_i / d input_i``.
+    For NumPy arrays (the way to train with NumPy alone) or torch tensors (detached: no graph is built).
+    The arguments and options are those of ``binary_cross_entropy_with_logits``, except that
+    ``pos_weight`` comes right after ``weight`` and the legacy ``size_average``/``reduce`` are not taken.
 
-    >>> import numpy as np
-    >>> loss, grad = loss_and_grad(np.zeros(4), np.ones(4), reduction="sum")
-    >>> print(loss, grad)
-    2.772588722239781 [-0.5 -0.5 -0.5 -0.5]
+    Args:
+        input: Logits, a floating-point array or tensor.
+        target: Target probabilities, of ``input``'s shape.
+        weight: Optional rescaling weight, broadcast to ``input``.
+        pos_weight: Optional weight of the positive term (see
+            ``binary_cross_entropy_with_logits``).
+        reduction: ``'mean'`` (default), ``'sum'``, ``'none'`` or ``'weighted_mean'``.
+        ignore_index: As in ``binary_cross_entropy_with_logits``.
+        label_smoothing: As in ``binary_cross_entropy_with_logits``.
+        class_dim: As in ``binary_cross_entropy_with_logits``.
+        focal_gamma: As in ``binary_cross_entropy_with_logits``.
+        strict: As in ``binary_cross_entropy_with_logits``.
+
+    Returns:
+        A pair ``(loss, grad)``, the loss as ``binary_cross_entropy_with_logits`` returns it and
+        ``d loss / d input`` with ``input``'s shape and dtype. For ``reduction='none'`` the gradient is
+        the elementwise derivative ``d loss_i / d input_i``.
+
+    Raises:
+        ValueError: As in ``binary_cross_entropy_with_logits``.
+        RuntimeError: As in ``binary_cross_entropy_with_logits``.
+        TypeError: As in ``binary_cross_entropy_with_logits`` (``DTypeError``, ``ArgumentTypeError``,
+            ``LayoutError`` are ``TypeError`` s).
+
+    Shape:
+        - input, target: ``(*)``, the same shape.
+        - loss: scalar, or ``(*)`` for ``reduction='none'``.
+        - grad: ``(*)``, ``input``'s shape.
+
+    Examples:
+        >>> import numpy as np
+        >>> loss, grad = loss_and_grad(np.zeros(4), np.ones(4), reduction="sum")
+        >>> print(loss, grad)
+        2.772588722239781 [-0.5 -0.5 -0.5 -0.5]
+
+        One step of logistic regression in NumPy:
+
+        >>> w = np.zeros(2)
+        >>> features = np.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> loss, dlogits = loss_and_grad(features @ w, np.array([1.0, 0.0]))
+        >>> w -= 0.5 * features.T @ dlogits
+        >>> print(w)
+        [ 0.125 -0.125]
     """
     reduction = _args.check_reduction(reduction)
     options = _args.check_options(ignore_index, label_smoothing, class_dim, focal_gamma, strict)
@@ -143,22 +256,46 @@ def loss_and_grad(
 
 
 def pos_weight_from_targets(target, class_dim: int = -1):
-    """``pos_weight`` for imbalanced data: negatives / positives per class (soft targets count
-    fractionally). 100 positives and 300 negatives of a class give 3.
+    """``pos_weight`` for imbalanced data: negatives / positives per class.
 
-    ``class_dim`` is the dimension that indexes classes; every other dimension is counted over. A 1-D
-    target is one class (result of shape (1,)). Pass the result together with the same ``class_dim`` to
-    the loss (``class_dim=-1``, the default, is torch's own broadcasting over the last dimension).
-    A class with no positive example has no finite ratio: that raises a ValueError naming the classes;
-    so do NaN targets, and targets outside [0, 1] (a 0/255 mask or -1/+1 labels: the message names the
-    conversion, ``mask / 255`` or ``(y + 1) / 2``). The result has the target's dtype when that is
-    float32 or float64, else float32 (a float16 ratio would overflow above 65504 negatives per positive,
-    and bfloat16 keeps 3 digits).
+    100 positives and 300 negatives of a class give 3, torch's documented rule; the loss then weighs the
+    positives as if there were as many as negatives. Soft targets count fractionally (a target of 0.25 is a
+    quarter positive and three quarters negative).
 
-    >>> import numpy as np
-    >>> y = np.zeros((400, 1)); y[:100] = 1
-    >>> pos_weight_from_targets(y)
-    array([3.])
+    Args:
+        target: Training targets (a torch tensor or NumPy array), probabilities in [0, 1].
+        class_dim: The dimension that indexes classes; every other dimension is counted over. Default
+            -1 (the last), which is torch's own broadcasting of ``pos_weight``; pass the same
+            ``class_dim`` to the loss for any other. A 1-D target is one class.
+
+    Returns:
+        A 1-D tensor or array of length C (the size of ``class_dim``; 1 for a 1-D target), of the
+        target's dtype when that is float32 or float64, else float32 (a float16 ratio would overflow
+        above 65504 negatives per positive, and bfloat16 keeps 3 digits).
+
+    Raises:
+        ValueError: a class has no positive example (its ratio would be infinite; the message names the
+            classes), the target contains NaN or values outside [0, 1] (a 0/255 mask or -1/+1 labels: the
+            message names the conversion, ``mask / 255`` or ``(y + 1) / 2``), is 0-dimensional, or
+            ``class_dim`` is out of range.
+        bcelogits.ArgumentTypeError: ``target`` is not a tensor or NumPy array.
+
+    Shape:
+        - target: ``(*)``, with C entries along ``class_dim``.
+        - output: ``(C,)``.
+
+    Examples:
+        >>> import numpy as np
+        >>> y = np.zeros((400, 1)); y[:100] = 1
+        >>> pos_weight_from_targets(y)
+        array([3.])
+
+        Per class of an (N, C, H, W) mask, used along dimension 1:
+
+        >>> import torch
+        >>> masks = torch.zeros(2, 3, 4, 4); masks[:, 0, :2] = 1; masks[:, 1, 0, 0] = 1; masks[:, 2] = 0.5
+        >>> pos_weight_from_targets(masks, class_dim=1)
+        tensor([ 1., 15.,  1.])
     """
     name = "pos_weight_from_targets()"
     is_t = _args.is_tensor(target)

@@ -43,7 +43,18 @@ _state = {"warned": False}
 
 
 class PerformanceWarning(UserWarning):
-    """The fast path is unavailable and a slower one gives the same results (filter it if you know)."""
+    """The fast path is unavailable and a slower one gives the same results.
+
+    Given once per process, when a fused kernel is missing or fails to build and the plain path (the same
+    formulas in torch or NumPy operators, several times slower) takes over. The values do not change.
+    Silence it, if you know, with
+    ``warnings.filterwarnings("ignore", category=bcelogits.PerformanceWarning)``.
+
+    Examples:
+        >>> import bcelogits
+        >>> issubclass(bcelogits.PerformanceWarning, UserWarning)
+        True
+    """
 
 
 class KernelBuildError(RuntimeError):
@@ -53,7 +64,30 @@ class KernelBuildError(RuntimeError):
 
 @contextlib.contextmanager
 def use(backend: str):
-    """Route calls inside the ``with`` block through ``backend`` (one of :data:`BACKENDS`)."""
+    """Route the loss calls inside a ``with`` block through ``backend``.
+
+    A context manager, per thread (and per asyncio task): other threads keep their route. The
+    ``BCELOGITS_BACKEND`` environment variable sets the default of a process the same way. Every route
+    computes the same algorithm, so forcing one changes speed, not results; a forced kernel that cannot
+    serve a call (``"triton"`` for CPU data, ``"cpu"`` for a CUDA tensor) leaves it to the plain path.
+
+    Args:
+        backend: ``"auto"`` (the default: the fused kernel where it can serve the call), ``"plain"`` (the
+            formulas in torch or NumPy operators), ``"cpu"`` (the fused CPU kernel) or ``"triton"``
+            (the fused Triton kernel, for CUDA tensors).
+
+    Raises:
+        ValueError: ``backend`` is not one of those names.
+
+    Examples:
+        >>> import numpy as np
+        >>> import bcelogits
+        >>> with bcelogits.kernels.use("plain"):
+        ...     print(bcelogits.kernels.current())
+        ...     print(bcelogits.binary_cross_entropy_with_logits(np.zeros(2), np.ones(2)))
+        plain
+        0.6931471805599453
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     token = _backend.set(backend)
@@ -64,7 +98,17 @@ def use(backend: str):
 
 
 def current() -> str:
-    """The backend calls in this context are routed through."""
+    """The route that loss calls in this thread (and context) take now.
+
+    Returns:
+        One of ``"auto"``, ``"plain"``, ``"cpu"``, ``"triton"``, set by the innermost ``use``, else by
+        ``BCELOGITS_BACKEND``, else ``"auto"``.
+
+    Examples:
+        >>> import bcelogits
+        >>> bcelogits.kernels.current() in ("auto", "plain", "cpu", "triton")
+        True
+    """
     return _backend.get()
 
 
