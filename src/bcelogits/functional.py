@@ -152,7 +152,7 @@ def binary_cross_entropy_with_logits(
 
 def _reduce(call):
     if call.is_torch:
-        return _autograd(torch).apply(call)
+        return _autograd(call.xp).apply(call)
     return kernels.forward(call).loss
 
 
