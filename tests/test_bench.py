@@ -246,8 +246,8 @@ def test_times_ratio_and_floor_of_a_row_come_from_one_round(result):
     for line in bench.format_table(result.rows).splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         torch_ms, ours_ms, speedup = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
-        # (times to 3 significant digits, the speed-up to 2 decimals)
-        assert torch_ms / ours_ms == pytest.approx(speedup, rel=0.011, abs=0.006)
+        # (times to 3 significant digits: up to 1.1 % between them; the speed-up to 2 decimals: 0.005)
+        assert abs(torch_ms / ours_ms - speedup) <= 0.011 * speedup + 0.0051
         low, high = (float(v) for v in cells[6].rstrip("x").split("-"))
         assert low <= speedup <= high
 

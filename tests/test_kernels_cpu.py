@@ -599,6 +599,7 @@ def test_ctrl_c_during_calls_leaves_nothing_running():
         """
 import os, signal, threading, time, numpy as np
 from bcelogits.kernels import cpu
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell's background job inherits SIGINT ignored)
 r = np.random.default_rng(1)
 xa, ya = (r.standard_normal(1 << 22) * 3).astype(np.float32), (r.random(1 << 22) < 0.5).astype(np.float32)
 xb, yb = (r.standard_normal(1 << 20) * 3).astype(np.float32), (r.random(1 << 20) < 0.2).astype(np.float32)
