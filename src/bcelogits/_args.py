@@ -436,12 +436,57 @@ def parse(input, target, weight, pos_weight, reduction: str, options: Options) -
             "For a class dimension that is not the last, pass class_dim=<dim> (e.g. class_dim=1 for NCHW).",
         )
 
+    if weight is not None and pos_weight is not None and _weight_products_leave_float32(xp, compute, weight,
+                                                                                         pos_weight):
+        compute = np.dtype(np.float64) if xp is np else xp.float64  # (the loss keeps out_dtype)
+
     def cast(w):
         if w is None:
             return None
         return w.to(compute) if torch is not None else w.astype(compute, copy=False)
 
     return Call(xp, input, target, cast(weight), cast(pos_weight), reduction, options, compute, out_dtype)
+
+
+#: Products ``weight * pos_weight`` beyond ``2**+-100`` are computed in float64 (see below).
+WEIGHT_PRODUCT_RANGE_LOG2 = 100
+
+
+def _weight_products_leave_float32(xp, compute, weight, pos_weight) -> bool:
+    """Does a float32 call with both weights need float64 arithmetic? The positive term's coefficient is
+    ``weight * pos_weight * y``: with ``weight = pos_weight = 1e30`` it overflows float32 (the exact loss of
+    x = 700, y = 0.5 is 3.5e32; in float32 the coefficient is inf and the small side inf * 0 = NaN), and
+    with ``1e-30`` it underflows (x = -inf, y = 1: the exact loss is +inf, the float32 coefficient 0 gave
+    0). When the largest (smallest nonzero) magnitudes of the two weights multiply to more (less) than
+    ``2**+-WEIGHT_PRODUCT_RANGE_LOG2``, the call is computed in float64, whose range holds every product
+    of float32 numbers, and the loss rounded once to its dtype. A bound from the weights alone, cheap: it
+    never looks at the input. Not decided while torch traces or transforms the call (the bound reads
+    values): there the float32 range is assumed."""
+    if compute.itemsize != 4:
+        return False
+    if xp is np:
+        wa, pa = np.abs(weight), np.abs(pos_weight)
+        if wa.size == 0 or pa.size == 0:
+            return False
+        big = float(wa.max()) * float(pa.max())
+        small = float(np.min(wa, initial=math.inf, where=wa > 0)) * float(np.min(pa, initial=math.inf,
+                                                                               where=pa > 0))
+    else:
+        torch = xp
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        if any(t.device.type == "meta" or functorch_wrapped(torch, t) for t in (weight, pos_weight)):
+            return False
+        if weight.numel() == 0 or pos_weight.numel() == 0:
+            return False
+        wa, pa = weight.detach().abs(), pos_weight.detach().abs()
+        inf = math.inf
+        stats = torch.stack([
+            wa.amax().double(), pa.amax().double(),
+            torch.where(wa > 0, wa, inf).amin().double(), torch.where(pa > 0, pa, inf).amin().double(),
+        ]).tolist()  # fmt: skip
+        big, small = stats[0] * stats[1], stats[2] * stats[3]
+    return big > 2.0**WEIGHT_PRODUCT_RANGE_LOG2 or small < 2.0**-WEIGHT_PRODUCT_RANGE_LOG2
 
 
 _DEFAULTS = Options()

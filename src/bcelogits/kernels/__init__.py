@@ -270,6 +270,16 @@ def _cpu_order(call):
     return tuple(range(lead.ndim)) if order is None else order
 
 
+def _triton_staged(call):
+    """The call as the Triton kernels read it. They load each tensor in its own dtype and compute in
+    float32, or in float64 when ``x`` or ``y`` is float64; a float32 call that :mod:`bcelogits._args`
+    moved to float64 (weight products beyond float32's range) gets its target in float64."""
+    dt = call.compute_dtype
+    if dt.itemsize == 8 and call.input.dtype != dt and call.target.dtype != dt:
+        return call.with_arrays(call.input, call.target.to(dt), call.weight, call.pos_weight)
+    return call
+
+
 def _staged(call):
     """``(call, order)``: the call as the CPU kernel reads it. Input and target C-contiguous in the compute
     dtype: permuted to the memory ``order`` of :func:`_cpu_order` (a view for a dense layout:
@@ -482,7 +492,7 @@ def _kernel_forward(call, kernel, want_grad: bool) -> Forward:
         and call.target.is_contiguous()
     ):
         return _simple_cpu_forward(call, kernel, want_grad)
-    call, order = (call, None) if _takes_tensors(kernel) else _staged(call)
+    call, order = (_triton_staged(call), None) if _takes_tensors(kernel) else _staged(call)
     n = math.prod(call.shape)
     elementwise = call.reduction == "none"
     loss_out, loss_k = _empty_in_order(call, call.compute_dtype, order) if elementwise else (None, None)
@@ -599,7 +609,7 @@ def backward_none(call, go):
 
 
 def _kernel_backward_none(call, kernel, go):
-    call, order = (call, None) if _takes_tensors(kernel) else _staged(call)
+    call, order = (_triton_staged(call), None) if _takes_tensors(kernel) else _staged(call)
     if order is not None:
         go = go.permute(order)
     grad, grad_k = _empty_in_order(call, call.compute_dtype, order)
