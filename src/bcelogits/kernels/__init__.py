@@ -613,6 +613,19 @@ def _kernel_backward_none(call, kernel, go):
     if order is not None:
         go = go.permute(order)
     grad, grad_k = _empty_in_order(call, call.compute_dtype, order)
+    if call.is_torch and not _takes_tensors(kernel) and all(s == 0 for s in go.stride()):
+        # A broadcast upstream gradient (loss.sum().backward() expands one value): the pass that scales the
+        # gradient by a number (as for reduction='sum'), with no input-sized copy of grad_output. The
+        # same product grad_output * d loss_i / d x_i in the compute dtype, so the same bits.
+        kernel.forward(
+            *_kernel_args(call, kernel),
+            **_options_kw(call),
+            loss_out=None,
+            grad_out=_flat_view(grad_k, call, kernel),
+            grad_scale=float(go.reshape(-1)[0].to(call.compute_dtype)),
+            weight_sum=False,
+        )
+        return grad
     go_flat = go.to(call.compute_dtype).contiguous() if call.is_torch else go.astype(call.compute_dtype)
     kernel.backward_none(
         *_kernel_args(call, kernel),
