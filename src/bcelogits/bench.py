@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import datetime
 import gc
-import importlib.metadata
 import json
 import math
 import os
@@ -389,8 +388,7 @@ def _maxrss_bytes() -> int:
 
 
 def _set_threads(n: int | None) -> None:
-    """torch's intra-op threads; bcelogits' CPU kernel follows torch's count. (numba.set_num_threads is
-    left alone: with the OpenMP layer it changes torch's count too.)"""
+    """torch's intra-op threads; bcelogits' CPU kernel follows torch's count."""
     import torch
 
     if n is not None:
@@ -559,7 +557,7 @@ def run(
     interrupted = False
     try:
         if cells:  # load (on a cold cache: compile) the kernels before the first timing
-            bar.describe("loading bcelogits kernels (numba compiles them on first use)")
+            bar.describe("loading bcelogits kernels")
             backend_for(make_inputs(Cell((8,) * len(cells[0].shape), dtype=cells[0].dtype), device))
         for cell in cells:
             tag = f"{cell.size} {cell.config_label} {cell.mode}"
@@ -628,7 +626,7 @@ def _free_cuda(device: str) -> None:
 
 
 def _collect(inp: Inputs | None) -> None:
-    """Drop ``inp``; collect cycles too when it was big (gc.collect itself costs ~0.1 s with numba loaded)."""
+    """Drop ``inp``; collect cycles too when it was big."""
     big = inp is not None and inp.x.numel() >= 2**22
     del inp
     if big:
@@ -728,7 +726,7 @@ def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
 
 # --------------------------------------------------------------------------------------------- output
 def machine_line(device: str = "cpu") -> str:
-    """CPU (or GPU) model, cores, memory, torch and numba versions and threads, date."""
+    """CPU (or GPU) model, cores, memory, torch version and threads, the CPU kernel's target, date."""
     import torch
 
     parts = []
@@ -754,10 +752,9 @@ def machine_line(device: str = "cpu") -> str:
         pass
     parts.append(cpu)
     parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    try:
-        parts.append(f"numba {importlib.metadata.version('numba')}")
-    except importlib.metadata.PackageNotFoundError:
-        parts.append("no numba")
+    from .kernels import cpu as cpu_kernel
+
+    parts.append(f"CPU kernel {cpu_kernel.target()}" if cpu_kernel.available() else "no CPU kernel")
     parts.append(f"{platform.system()} {platform.release().split('-')[0]}")
     parts.append(datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
     return " | ".join(parts)
