@@ -147,8 +147,8 @@ print(json.dumps({{"ok": ok, "import": [t1 - t0, c1 - c0], "float32": [t2 - t1, 
 
 def compile_times(no_scipy=False):
     """First calls in two fresh processes (labelled as in the numba days; both load one library): import
-    numpy and the kernel module; first float32 loss + gradient call; first float32 loss-only call; first float64
-    loss + gradient call."""
+    numpy and the kernel module; first float32 loss + gradient call; first float32 loss-only call; first
+    float64 loss + gradient call."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, BCELOGITS_CACHE_DIR=cache)
         code = _CHILD.format(no_scipy=bool(no_scipy))
