@@ -1,8 +1,8 @@
 # ruff: noqa: B023  (the timed closures are called within the loop iteration that defines them)
-"""Microbenchmark of the fused numba CPU kernel (bcelogits.kernels.cpu) against torch, same process.
+"""Microbenchmark of the fused CPU kernel (bcelogits.kernels.cpu, native core) against torch, one process.
 
     PYTHONPATH=src python benchmarks/kernel_cpu_micro.py [--sizes 4100000 84000000] [--reps 7] [--evict 64]
-    PYTHONPATH=src python benchmarks/kernel_cpu_micro.py --compile   # first-call compile / cached load
+    PYTHONPATH=src python benchmarks/kernel_cpu_micro.py --compile   # first calls of a fresh process
 
 Times are medians of ``--reps`` wall-clock runs (after one warm-up run); the CPU time per call (all
 threads) shows whether the threads really ran in parallel (about 2x the wall time with 2 threads) or
@@ -12,8 +12,8 @@ the machine was busy. torch runs
 arrays (2 MiB pages from 4 MiB up). ``--evict MB`` writes a buffer of that many MiB before each timed
 call (outside the timing), as a model's own work would between two loss calls: the inputs then come from
 memory, not from the cache.
-``--compile --no-scipy`` hides scipy from the child processes (as in a fresh venv without it: numba
-imports scipy.linalg, when present, on its first compile).
+``--compile`` times the first calls of two fresh processes (nothing is compiled at run time; the name
+stayed from the numba kernel, whose first use compiled); ``--no-scipy`` hides scipy from them.
 """
 
 from __future__ import annotations
@@ -146,10 +146,9 @@ print(json.dumps({{"ok": ok, "import": [t1 - t0, c1 - c0], "float32": [t2 - t1, 
 
 
 def compile_times(no_scipy=False):
-    """First calls in a fresh process with an empty kernel cache (numba compiles), then in a second
-    process (the object code is loaded from the cache, numba is not imported): import numpy and the
-    kernel module; first float32 loss + gradient call; first float32 loss-only call; first float64
-    loss + gradient call."""
+    """First calls in two fresh processes (labelled as in the numba days; both load one library): import
+    numpy and the kernel module; first float32 loss + gradient call; first float32 loss-only call; first
+    float64 loss + gradient call."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, BCELOGITS_CACHE_DIR=cache)
         code = _CHILD.format(no_scipy=bool(no_scipy))

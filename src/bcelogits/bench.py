@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import datetime
 import gc
-import importlib.metadata
 import json
 import math
 import os
@@ -394,8 +393,7 @@ def _maxrss_bytes() -> int:
 
 
 def _set_threads(n: int | None) -> None:
-    """torch's intra-op threads; bcelogits' CPU kernel follows torch's count. (numba.set_num_threads is
-    left alone: with the OpenMP layer it changes torch's count too.)"""
+    """torch's intra-op threads; bcelogits' CPU kernel follows torch's count."""
     import torch
 
     if n is not None:
@@ -633,7 +631,7 @@ def _free_cuda(device: str) -> None:
 
 
 def _collect(inp: Inputs | None) -> None:
-    """Drop ``inp``; collect cycles too when it was big (gc.collect itself costs ~0.1 s with numba loaded)."""
+    """Drop ``inp``; collect cycles too when it was big."""
     big = inp is not None and inp.x.numel() >= 2**22
     del inp
     if big:
@@ -739,7 +737,7 @@ def _measure_cell(cell, inp, ref, fns, rule, device, sync, backend) -> Row:
 
 # --------------------------------------------------------------------------------------------- output
 def machine_line(device: str = "cpu") -> str:
-    """CPU (or GPU) model, cores, memory, torch version and threads (numba's, if installed), date."""
+    """CPU (or GPU) model, cores, memory, torch version and threads, the CPU kernel's target, date."""
     import torch
 
     parts = []
@@ -765,10 +763,9 @@ def machine_line(device: str = "cpu") -> str:
         pass
     parts.append(cpu)
     parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    try:  # (the kernels of bcelogits 0.1 are compiled by numba; say which, where it is installed)
-        parts.append(f"numba {importlib.metadata.version('numba')}")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    from .kernels import cpu as cpu_kernel
+
+    parts.append(f"CPU kernel {cpu_kernel.target()}" if cpu_kernel.available() else "no CPU kernel")
     parts.append(f"{platform.system()} {platform.release().split('-')[0]}")
     parts.append(datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
     return " | ".join(parts)

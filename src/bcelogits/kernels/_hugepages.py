@@ -71,6 +71,8 @@ def advise(address: int, nbytes: int) -> bool:
 
 
 def advise_tensor(t) -> None:
-    """:func:`advise` for a fresh, contiguous CPU torch tensor."""
-    if t.device.type == "cpu":
-        advise(t.data_ptr(), t.numel() * t.element_size())
+    """:func:`advise` for a fresh, contiguous CPU torch tensor (small ones are left alone first: this
+    is on the path of every small call)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= MIN_BYTES and t.device.type == "cpu":
+        advise(t.data_ptr(), nbytes)

@@ -84,6 +84,11 @@ def target() -> str:
     return _native.TARGET_NAMES[_state["target"]] if available() else ""
 
 
+# Plain ints of the enums the short route uses (an IntEnum's arithmetic costs microseconds).
+_MODE_LOSS, _MODE_LOSS_GRAD = int(Mode.MODE_LOSS), int(Mode.MODE_LOSS_GRAD)
+_FLAG_LOSS_SUM = int(Flags.FLAG_LOSS_SUM)
+
+
 def _dtype_code(dt) -> int:
     return DType.DTYPE_FLOAT64 if dt == np.float64 else DType.DTYPE_FLOAT32
 
@@ -101,6 +106,10 @@ def _consts(dt):
         c = _CONSTS[dt] = (np.ones(1, dt), np.empty(0, dt))
         _CONST_ADDRESSES.update((id(a), a.ctypes.data) for a in c)
     return c
+
+
+# (address of ones(1), address of the empty array) per dtype, indexed by "is float64"
+_CONST_PTRS = tuple((_consts(d)[0].ctypes.data, _consts(d)[1].ctypes.data) for d in map(np.dtype, "fd"))
 
 
 def _dtype_of(a):
@@ -432,18 +441,34 @@ def forward_contiguous(x, y, grad_out, grad_scale):
     """:func:`forward` without weights or options, for the caller that has already checked what
     :func:`forward` would (its dispatcher does, for its most common call): ``x``, ``y`` and ``grad_out``
     (None, or a new tensor) contiguous CPU torch tensors of one float32/float64 dtype and of ``n > 0``
-    elements. Returns the loss sum; the same kernel call as :func:`forward`, so the same bits."""
-    dt = _dtype_of(x)
+    elements. Returns the loss sum; the same kernel call as :func:`forward`, so the same bits.
+
+    Written out, without the general route's helpers: on a small input this function's own Python is a
+    good part of the call."""
+    lib = _state.get("lib") or (available() and _state["lib"])
+    is64 = x.dtype.itemsize == 8
+    ones, none = _CONST_PTRS[is64]
     n = x.numel()
-    size = n * dt.itemsize
-    xs, ys = (a.data_ptr() for a in (x, y))
-    gr = None if grad_out is None else (grad_out.data_ptr(), grad_out.data_ptr() + size)
-    ones = _consts(dt)[0]  # (what _pattern gives for an absent weight)
-    total, _, _ = _launch_run(
-        dt, n, (xs, xs + size), (ys, ys + size), ones, ones, None, None, gr,
-        0.0, math.nan, 0.0, grad_scale, 1, 1, 0 if grad_out is None else 1, 2, 0, True,
+    nb = (n + BLOCK - 1) // BLOCK
+    if nb < 2 * _MIN_BLOCKS_PER_THREAD:
+        nthreads, gomp = 1, 0
+    else:
+        nthreads = max(1, min(_num_threads(), nb // _MIN_BLOCKS_PER_THREAD))
+        gomp = (_torch_openmp() or 0) if nthreads > 1 else 0
+    args, address, mem, part, _, _ = _call_buffer(nb)
+    if grad_out is None:
+        gr, mode = none, _MODE_LOSS
+    else:
+        gr, mode = grad_out.data_ptr(), _MODE_LOSS_GRAD
+    _native.PACK.pack_into(
+        mem, 0, x.data_ptr(), y.data_ptr(), ones, ones, none, none, gr, none, none, part, gomp,
+        n, 1, 1, 1, 1, 0, 0, int(is64), mode, 0, _FLAG_LOSS_SUM, nthreads,
+        _chunk(nb, nthreads), _state["target"], 0, 0.0, math.nan, 0.0, grad_scale, 0.0, 0.0, 0.0,
     )  # fmt: skip
-    return total
+    rc = lib.run(address)
+    if rc != 0:  # pragma: no cover - the arguments were checked by the caller
+        raise RuntimeError(f"bcelogits native core refused a call: {_native.Error(rc).name}")
+    return _native.RESULTS.unpack_from(mem, _native.RESULTS_OFFSET)[0]
 
 
 def backward_none(
