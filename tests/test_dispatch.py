@@ -449,7 +449,8 @@ def test_kernel_build_failure_falls_back_once(monkeypatch, reduction):
     def broken(*args, **kwargs):
         raise kernels.KernelBuildError("simulated build failure")
 
-    monkeypatch.setattr(cpu, "_launch", broken)  # what every route of the CPU kernel runs
+    monkeypatch.setattr(cpu, "_launch", broken)  # what the general route of the CPU kernel runs
+    monkeypatch.setattr(cpu, "forward_contiguous", broken)  # and the short one
     monkeypatch.setattr(kernels, "_failed", set())
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     y = torch.rand(7, 3, dtype=torch.float64)
@@ -472,7 +473,8 @@ def test_kernel_bugs_are_not_swallowed(monkeypatch):
     def buggy(*args, **kwargs):
         raise IndexError("a bug, not a build failure")
 
-    monkeypatch.setattr(cpu, "_launch", buggy)  # what every route runs
+    monkeypatch.setattr(cpu, "_launch", buggy)  # what the general route runs
+    monkeypatch.setattr(cpu, "forward_contiguous", buggy)  # and the short one
     with pytest.raises(IndexError, match="a bug"):
         BCE(torch.randn(4), torch.rand(4))
 
