@@ -488,12 +488,14 @@ def linear_binary_cross_entropy_with_logits(
         pos_weight: (C,) (or (1,)) weight of the positive term.
         reduction: 'mean' (over the N×C elements that count), 'sum' or 'none' ((..., C) losses: that
             allocates the N×C result, and backward recomputes the logits, a second forward's matmuls).
-        label_smoothing, focal_gamma, ignore_index, strict: as in
-            :func:`bcelogits.binary_cross_entropy_with_logits`; ``ignore_index`` leaves out the (row, class)
-            pairs whose target equals it (a sparse target's stored values can carry it).
+        label_smoothing: as in ``bcelogits.binary_cross_entropy_with_logits``.
+        focal_gamma: as in ``bcelogits.binary_cross_entropy_with_logits``.
+        ignore_index: leaves out the (row, class) pairs whose target equals it (a sparse target's stored
+            values can carry it).
         ignore_rows: bool mask of input's leading shape, True for rows left out entirely (padding): the
             same as setting their targets to ``ignore_index``; they get zero gradient.
-        strict: also checks sparse values and a dense target's values are in [0, 1] (one pass).
+        strict: as in ``bcelogits.binary_cross_entropy_with_logits``, and also checks that sparse values and
+            a dense target's values are in [0, 1] (one pass).
         chunk_size: classes per block (all rows in each block), or ``(rows, classes)``; default: the rule.
         memory_budget: bytes for the per-block buffers (default 4 % of one N×C float32 tensor, clamped
             to [256 KiB, 64 MiB]).
