@@ -13,6 +13,7 @@ Run: ``python examples/05_distributed.py`` (about 10 s).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import sys
@@ -108,6 +109,7 @@ def main(rank, port):
         step_global_mean(rank, group)
         step_accumulation(rank, group)
         step_siglip(rank, group)
+        gc.collect()  # the DDP models of the steps are freed while their group still exists
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()

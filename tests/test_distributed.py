@@ -10,6 +10,7 @@ from the definitions (torch's own operators and autograd on the whole batch), ne
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -185,6 +186,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         loss = siglip_loss(*xs, process_group=top, block_size=4)
         res["top2"] = (grank, loss.detach(), torch.autograd.grad(loss, xs))
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    del res
+    gc.collect()  # (DDP models freed while their group still exists)
     dist.barrier()
     dist.destroy_process_group()
 
